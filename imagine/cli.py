@@ -1,0 +1,290 @@
+"""The ``imagine`` command line. Client commands talk gRPC and import no model code.
+
+imagine serve                      # embedded profile: Ray Serve app, index owner, one worker
+imagine ingest DIR --collection C  # progress bar until the job ends, then the counts
+imagine search "a red dress" --collection C --k 5
+imagine demo                       # the whole thing on Fashion-MNIST
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from imagine.config import load_client_settings
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from imagine.client import ImagineClient
+
+    return ImagineClient(args.address or load_client_settings().grpc_address)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+# -- serve / worker / train ---------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the embedded profile and block until Ctrl-C / SIGTERM, then stop everything."""
+    from imagine.config import load_service_settings
+    from imagine.runtime import setup_logging
+
+    settings = load_service_settings()
+    setup_logging(settings.log_level)
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    from services.app import start, stop
+
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        info = start(settings)
+        if not args.no_worker:
+            worker = subprocess.Popen([sys.executable, "-m", "workers"], env=os.environ.copy())
+        print(
+            f"imagine: serving {info['model_version']} on {info['address']} "
+            f"(data in {settings.data_dir}); Ctrl-C stops",
+            flush=True,
+        )
+        while not stopping:
+            if worker is not None and worker.poll() is not None:
+                print("imagine: the worker exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("imagine: stopping", flush=True)
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # warm shutdown: finish the current tasks
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        stop()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.__main__ import main as worker_main
+
+    return worker_main(args.celery_args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.main import main as train_main
+
+    return train_main(args.train_args)
+
+
+# -- client commands --------------------------------------------------------------------------
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from imagine.client import state_name
+
+    source = args.source
+    if "://" not in source:
+        source = str(Path(source).expanduser().resolve())
+    with _client(args) as c:
+        job = c.create_ingest_job(source, args.collection, _kv(args.meta), args.chunk_size)
+        print(f"job {job.id} queued: {source} -> {args.collection}")
+        if args.no_wait:
+            return 0
+        job = watch_with_progress(c, job.id)
+    print(
+        f"job {job.id} {state_name(job.state)}: {job.embedded} embedded, "
+        f"{job.skipped} skipped (unchanged), {job.failed} failed of {job.total}"
+    )
+    for f in job.failures[:20]:
+        print(f"  failed: {f.uri}: {f.reason}")
+    if job.error:
+        print(f"  error: {job.error}")
+    return 0 if state_name(job.state).startswith("SUCCEEDED") else 1
+
+
+def watch_with_progress(client: Any, job_id: str) -> Any:
+    from tqdm import tqdm
+
+    from imagine.client import TERMINAL_STATES, state_name
+
+    bar = tqdm(total=0, unit="img", desc="ingest", dynamic_ncols=True)
+    job = client.get_job(job_id)
+    try:
+        for job in client.watch_job(job_id):
+            done = job.embedded + job.skipped + job.failed
+            if job.total != bar.total:
+                bar.total = job.total
+            bar.update(done - bar.n)
+            bar.set_postfix_str(
+                f"{state_name(job.state).lower()} e={job.embedded} s={job.skipped} f={job.failed}"
+            )
+            if job.state in TERMINAL_STATES:
+                break
+    finally:
+        bar.close()
+    return job
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from imagine.client import state_name
+
+    with _client(args) as c:
+        if args.cancel:
+            job = c.cancel_job(args.cancel)
+            print(f"job {job.id}: {state_name(job.state)}")
+            return 0
+        jobs = [c.get_job(args.id)] if args.id else c.list_jobs(args.collection, args.limit)
+    print(
+        f"{'id':<16}  {'collection':<16}  {'state':<21}  {'total':>7}  {'embedded':>8}  "
+        f"{'skipped':>7}  {'failed':>6}"
+    )
+    for j in jobs:
+        print(
+            f"{j.id:<16}  {j.collection[:16]:<16}  {state_name(j.state):<21}  {j.total:>7}  "
+            f"{j.embedded:>8}  {j.skipped:>7}  {j.failed:>6}"
+        )
+        if args.id:
+            for f in j.failures:
+                print(f"  failed: {f.uri}: {f.reason}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    with _client(args) as c:
+        resp = c.search(
+            args.text, collection=args.collection, top_k=args.k, filters=_kv(args.filter)
+        )
+    if args.json:
+        print(json_format.MessageToJson(resp))
+        return 0
+    print(f"{len(resp.hits)} hits (model {resp.model_version})")
+    for rank, h in enumerate(resp.hits, 1):
+        label = h.payload.fields["label"].string_value if "label" in h.payload.fields else ""
+        print(f"{rank:>3}. {h.score:.4f}  {label:<12}  {h.uri}")
+    return 0
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.delete:
+            c.delete_collection(args.delete)
+            print(f"deleted {args.delete}")
+            return 0
+        for col in c.list_collections():
+            vecs = ", ".join(f"{v.name}[{v.size}]" for v in col.vectors)
+            print(f"{col.name:<24} {col.points_count:>8} points  {col.model_version}  {vecs}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from imagine.demo import evaluate_over_grpc
+
+    with _client(args) as c:
+        report = evaluate_over_grpc(c, args.collection)
+    print(report.table(f"category retrieval over gRPC, collection {args.collection}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imagine.demo import run_demo
+
+    return run_demo(limit=args.limit, keep_running=args.keep_running)
+
+
+def _kv(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--address", help="gRPC address (default IMAGINE_GRPC_ADDRESS, 127.0.0.1:50051)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the embedded profile until Ctrl-C")
+    s.add_argument("--no-worker", action="store_true", help="do not start a Celery worker")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("worker", help="run a Celery ingestion worker (cluster profile)")
+    s.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra celery worker options")
+    s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("train", help="train a model with Ray Train (see `imagine train --help`)")
+    s.add_argument("train_args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("ingest", help="ingest a folder or s3://bucket/prefix into a collection")
+    s.add_argument("source")
+    s.add_argument("--collection", required=True)
+    s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="payload for every point")
+    s.add_argument("--chunk-size", type=int, default=0)
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("jobs", help="list ingestion jobs, show one, or cancel one")
+    s.add_argument("--collection", default="")
+    s.add_argument("--id", help="show one job with its failures")
+    s.add_argument("--cancel", metavar="ID", help="cancel a job")
+    s.add_argument("--limit", type=int, default=20)
+    s.set_defaults(fn=cmd_jobs)
+
+    s = sub.add_parser("search", help="text -> image search")
+    s.add_argument("text")
+    s.add_argument("--collection", required=True)
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("collections", help="list collections (or delete one)")
+    s.add_argument("--delete", metavar="NAME")
+    s.set_defaults(fn=cmd_collections)
+
+    s = sub.add_parser("eval", help="category mAP and P@10 of a labelled collection over gRPC")
+    s.add_argument("--collection", required=True)
+    s.add_argument("--json", help="also write the report to this JSON file")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("demo", help="ingest Fashion-MNIST, search it, evaluate (embedded profile)")
+    s.add_argument("--limit", type=int, default=None, help="gallery size (default 10000)")
+    s.add_argument("--keep-running", action="store_true", help="leave the services up")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except grpc.RpcError as exc:
+        return _fail(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Settings: one pydantic-settings class per process kind, environment prefix ``IMAGINE_``.
+
+Nested fields use ``__``: ``IMAGINE_STORAGE__ENDPOINT=minio:9000``. Build settings with the
+``load_*`` functions and pass them down; nothing here is created at import time.
+
+The embedded default needs no server: the index, objects, queue, job records and checkpoints all
+live under ``IMAGINE_DATA_DIR``. The cluster profile sets ``IMAGINE_QDRANT__URL``,
+``IMAGINE_STORAGE__ENDPOINT``, ``IMAGINE_BROKER_URL`` and friends; the code path is the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "local-dir:" + str(REPO_ROOT / "checkpoints" / "fmnist-dual")
+
+
+class QdrantSettings(BaseModel):
+    """Where the vector index lives. No URL: Qdrant embedded under ``data_dir/qdrant``."""
+
+    url: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 30.0
+
+
+class StorageSettings(BaseModel):
+    """The S3/MinIO endpoint used for ``s3://bucket/prefix`` sources."""
+
+    endpoint: str | None = None  # host:port, e.g. "minio:9000"
+    access_key: str | None = None
+    secret_key: str | None = None
+    secure: bool = False
+    region: str | None = None
+
+
+class _Common(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGINE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        default=Path.home() / ".imagine",
+        description="Where the embedded profile keeps index, objects, queue, jobs, checkpoints.",
+    )
+    grpc_address: str = Field(
+        default="127.0.0.1:50051", description="The gRPC ingress address (host:port)."
+    )
+    log_level: str = "INFO"
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+
+class ClientSettings(_Common):
+    """The CLI and Python client: only the address matters."""
+
+
+class ServiceSettings(_Common):
+    """The Ray Serve application (model deployments and the gRPC ingress)."""
+
+    model: str = Field(default=DEFAULT_MODEL, description="Model spec, e.g. local-dir:/models/x")
+    qdrant: QdrantSettings = QdrantSettings()
+    storage: StorageSettings = StorageSettings()
+    broker_url: str | None = Field(default=None, description="None: filesystem:// under data_dir")
+    jobs_url: str | None = Field(default=None, description="None: SQLite under data_dir")
+    default_chunk_size: int = 256
+    encoder_batch_size: int = 64
+    encoder_batch_wait_s: float = 0.005
+    encoder_replicas: int = 1
+    # Ray resources per replica (fractions share a core) and torch threads per encoder (0: all).
+    encoder_num_cpus: float = 0.5
+    ingress_num_cpus: float = 0.25
+    torch_threads: int = 0
+    ray_address: str | None = Field(default=None, description="None: start a local Ray")
+    num_cpus: int | None = None
+
+    @property
+    def qdrant_path(self) -> Path:
+        return self.data_dir / "qdrant"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_folders(self) -> Path:
+        return self.data_dir / "broker"
+
+
+class WorkerSettings(ServiceSettings):
+    """A Celery ingestion worker: reaches the models (and the embedded index) over gRPC."""
+
+    concurrency: int = 4
+    encode_rpc_batch: int = 64
+
+
+class TrainSettings(_Common):
+    """The Ray Train job."""
+
+    use_gpu: bool = False
+    num_workers: int = 1
+
+
+def load_service_settings(**overrides: object) -> ServiceSettings:
+    return ServiceSettings(**overrides)  # type: ignore[arg-type]
+
+
+def load_worker_settings(**overrides: object) -> WorkerSettings:
+    return WorkerSettings(**overrides)  # type: ignore[arg-type]
+
+
+def load_client_settings(**overrides: object) -> ClientSettings:
+    return ClientSettings(**overrides)  # type: ignore[arg-type]
+
+
+def load_train_settings(**overrides: object) -> TrainSettings:
+    return TrainSettings(**overrides)  # type: ignore[arg-type]

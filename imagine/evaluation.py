@@ -1,0 +1,88 @@
+"""Evaluation of a dual encoder in-process: category mAP and precision@10 per class.
+
+The query service's numbers are computed over gRPC by the CLI; this module is the same
+computation with no services around it (used by the trainer, tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from imagine.metrics import category_map, precision_at_k
+
+
+@dataclass
+class CategoryReport:
+    """Per-class AP and precision@10, and their means."""
+
+    ap: dict[str, float] = field(default_factory=dict)
+    p10: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def map(self) -> float:
+        return float(np.mean(list(self.ap.values()))) if self.ap else 0.0
+
+    @property
+    def mean_p10(self) -> float:
+        return float(np.mean(list(self.p10.values()))) if self.p10 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"mAP": self.map, "P@10": self.mean_p10, "AP": self.ap, "P@10_per_class": self.p10}
+
+    def table(self, title: str = "category retrieval") -> str:
+        width = max([len(c) for c in self.ap] + [8])
+        lines = [title, f"{'class':<{width}}  {'AP':>6}  {'P@10':>6}"]
+        for cls in self.ap:
+            lines.append(f"{cls:<{width}}  {self.ap[cls]:6.3f}  {self.p10[cls]:6.3f}")
+        lines.append(f"{'mean':<{width}}  {self.map:6.3f}  {self.mean_p10:6.3f}")
+        return "\n".join(lines)
+
+
+def report_from_scores(
+    scores: np.ndarray, gallery_labels: Sequence[str], query_labels: Sequence[str]
+) -> CategoryReport:
+    labels = np.asarray(gallery_labels)
+    report = CategoryReport(ap=category_map(scores, gallery_labels, query_labels))
+    for qi, ql in enumerate(query_labels):
+        top = np.argsort(-scores[qi], kind="stable")[:10]
+        report.p10[ql] = precision_at_k(labels[top] == ql, 10)
+    return report
+
+
+def report_from_rankings(
+    rankings: dict[str, list[str]], gallery_labels: dict[str, str]
+) -> CategoryReport:
+    """From ranked id lists over the whole gallery (as a search service returns them)."""
+    from imagine.metrics import average_precision
+
+    report = CategoryReport()
+    for ql, ids in rankings.items():
+        rel = np.array([gallery_labels.get(i) == ql for i in ids], dtype=bool)
+        num = sum(1 for v in gallery_labels.values() if v == ql)
+        report.ap[ql] = average_precision(rel, num)
+        report.p10[ql] = precision_at_k(rel, 10)
+    return report
+
+
+def evaluate_category(
+    encoder: object,
+    images: Sequence[Image.Image],
+    labels: Sequence[str],
+    queries: dict[str, str],
+    batch_size: int = 512,
+) -> CategoryReport:
+    """``queries`` maps each class label to its one text query."""
+    enc = encoder  # a DualEncoder; typed loosely to keep this module free of torch imports
+    feats = np.concatenate(
+        [
+            enc.encode_images(images[i : i + batch_size])  # type: ignore[attr-defined]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    qlabels = list(queries)
+    text = enc.encode_text([queries[q] for q in qlabels])  # type: ignore[attr-defined]
+    return report_from_scores(text @ feats.T, labels, qlabels)

@@ -1,0 +1,1 @@
+"""The API contract (imagine.v1) and its generated code."""

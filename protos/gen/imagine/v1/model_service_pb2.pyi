@@ -1,0 +1,40 @@
+from protos.gen.imagine.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EncodeTextRequest(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EncodeTextResponse(_message.Message):
+    __slots__ = ("embeddings", "model_version")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Vector]
+    model_version: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[_common_pb2.Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class EncodeImageRequest(_message.Message):
+    __slots__ = ("images", "vector")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    vector: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., vector: _Optional[str] = ...) -> None: ...
+
+class EncodeImageResponse(_message.Message):
+    __slots__ = ("embeddings", "model_version", "errors")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Vector]
+    model_version: str
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[_common_pb2.Vector, _Mapping]]] = ..., model_version: _Optional[str] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,74 @@
+"""The application builder and the embedded-profile runner.
+
+``build_app(settings)`` composes the deployments with ``.bind()``; replica counts and batch sizes
+come from the settings (and, on Kubernetes, from the Serve config in ``deploy/``).
+``start(settings)`` starts a local Ray on loopback (or joins ``IMAGINE_RAY_ADDRESS``), runs the
+application and returns once the gRPC ingress is listening.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from imagine.config import ServiceSettings
+from imagine.imaging import DEFAULT_MAX_PIXELS
+from imagine.runtime import quiet_environment, use_loopback_ray
+
+log = logging.getLogger("imagine.app")
+APP_NAME = "imagine"
+
+
+def build_app(settings: ServiceSettings) -> Any:
+    from services import deployments, ingress
+
+    # @serve.deployment turns the classes into Deployments (options/bind); mypy sees classes.
+    TextEncoder: Any = deployments.TextEncoder
+    ImageEncoder: Any = deployments.ImageEncoder
+    Ingress: Any = ingress.Ingress
+
+    replicas = {
+        "num_replicas": settings.encoder_replicas,
+        "ray_actor_options": {"num_cpus": settings.encoder_num_cpus},
+    }
+    common = (settings.model, settings.encoder_batch_size, settings.encoder_batch_wait_s)
+    text = TextEncoder.options(**replicas).bind(*common, settings.torch_threads)
+    image = ImageEncoder.options(**replicas).bind(
+        *common, settings.torch_threads, DEFAULT_MAX_PIXELS
+    )
+    ingress = Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus})
+    return ingress.bind(settings.model_dump(mode="json"), text, image)
+
+
+def start(settings: ServiceSettings) -> dict[str, str]:
+    """Start (or join) Ray, run the application; returns the ingress address info."""
+    quiet_environment()
+    if not settings.ray_address:
+        use_loopback_ray()  # before Ray is imported: it reads the setting at import time
+    import ray
+    from ray import serve
+
+    settings.ensure_dirs()
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.ray_address,
+            num_cpus=settings.num_cpus,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=True,
+        )
+    serve.start(proxy_location="Disabled")
+    handle = serve.run(build_app(settings), name=APP_NAME, route_prefix=None)
+    info: dict[str, str] = handle.address_info.remote().result()
+    return info
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

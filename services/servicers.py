@@ -1,0 +1,486 @@
+"""The gRPC servicers: validate requests, call the deployments and the core, map errors.
+
+Every RPC maps failures to a status code with a human message: INVALID_ARGUMENT for bad input,
+NOT_FOUND for unknown collections and jobs, FAILED_PRECONDITION for a model mismatch,
+UNAVAILABLE when a dependency is down. Unexpected errors are logged with a request id and the
+client gets INTERNAL with that id, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+
+from imagine.fusion import FusionError, resolve_weights
+from imagine.index import (
+    CollectionInfo,
+    CollectionNotFound,
+    Hit,
+    IndexUnavailable,
+    ModelVersionMismatch,
+    Point,
+    VectorIndex,
+)
+from imagine.jobs import Job, JobNotFound, SqliteJobStore
+from protos.gen.imagine.v1 import (
+    collection_service_pb2 as col_pb,
+)
+from protos.gen.imagine.v1 import (
+    collection_service_pb2_grpc as col_grpc,
+)
+from protos.gen.imagine.v1 import (
+    common_pb2,
+)
+from protos.gen.imagine.v1 import (
+    index_service_pb2 as idx_pb,
+)
+from protos.gen.imagine.v1 import (
+    index_service_pb2_grpc as idx_grpc,
+)
+from protos.gen.imagine.v1 import (
+    ingestion_service_pb2 as ing_pb,
+)
+from protos.gen.imagine.v1 import (
+    ingestion_service_pb2_grpc as ing_grpc,
+)
+from protos.gen.imagine.v1 import (
+    model_service_pb2 as mod_pb,
+)
+from protos.gen.imagine.v1 import (
+    model_service_pb2_grpc as mod_grpc,
+)
+from protos.gen.imagine.v1 import (
+    retrieval_service_pb2 as ret_pb,
+)
+from protos.gen.imagine.v1 import (
+    retrieval_service_pb2_grpc as ret_grpc,
+)
+
+log = logging.getLogger("imagine.ingress")
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_TOP_K = 10_000
+MAX_QUERY_CHARS = 1000
+MAX_BATCH = 256
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+WATCH_POLL_S = 0.25
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class Encoders(Protocol):
+    async def text(self, texts: list[str]) -> list[np.ndarray]: ...
+
+    async def images(self, images: list[bytes]) -> list[np.ndarray | str]: ...
+
+
+class JobQueue(Protocol):
+    def submit(self, job_id: str) -> None: ...
+
+
+@dataclass
+class Backend:
+    encoders: Encoders
+    index: VectorIndex
+    jobs: SqliteJobStore
+    queue: JobQueue
+    model_version: str
+    dim: int
+    default_chunk_size: int
+    local_sources_only: bool = False
+
+    @property
+    def vectors(self) -> dict[str, int]:
+        return {"image": self.dim}
+
+
+R = TypeVar("R")
+
+
+def rpc(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Map errors of a unary RPC to status codes."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc, fn.__name__)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    code, message = _status(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        rid = uuid.uuid4().hex[:12]
+        log.exception("%s failed (request id %s)", name, rid)
+        message = f"internal error (request id {rid})"
+    await context.abort(code, message)
+
+
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, BadRequest | FusionError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, CollectionNotFound | JobNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")
+    if isinstance(exc, ModelVersionMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, IndexUnavailable | ConnectionError):
+        return grpc.StatusCode.UNAVAILABLE, f"a dependency is unavailable, retry later: {exc}"
+    return grpc.StatusCode.INTERNAL, ""
+
+
+def check_collection(name: str) -> str:
+    if not COLLECTION_NAME.match(name):
+        raise BadRequest(
+            f"bad collection name {name!r}: 1-128 letters, digits, '_', '-', '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _struct(payload: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(payload)
+    return s
+
+
+# -- retrieval --------------------------------------------------------------------------------
+class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.b = backend
+
+    @rpc
+    async def Search(self, request: Any, context: Any) -> Any:
+        b = self.b
+        t0 = time.perf_counter()
+        check_collection(request.collection)
+        top_k = request.top_k or 10
+        if top_k > MAX_TOP_K:
+            raise BadRequest(f"top_k {top_k} exceeds the limit of {MAX_TOP_K}")
+        if request.mode not in (ret_pb.SEARCH_MODE_UNSPECIFIED, ret_pb.SEARCH_MODE_TEXT):
+            raise ModelVersionMismatch(
+                f"model {b.model_version} has no diffusion generator: "
+                "generated and fused search need one; use SEARCH_MODE_TEXT"
+            )
+        kind = request.WhichOneof("query")
+        if kind == "text":
+            text = request.text.strip()
+            if not text:
+                raise BadRequest("query text is empty")
+            if len(text) > MAX_QUERY_CHARS:
+                raise BadRequest(f"query text exceeds the limit of {MAX_QUERY_CHARS} characters")
+            path = "text"
+            (vec,) = await b.encoders.text([text])
+        elif kind == "image":
+            if len(request.image) > MAX_IMAGE_BYTES:
+                raise BadRequest(f"query image exceeds the limit of {MAX_IMAGE_BYTES} bytes")
+            path = "image"
+            (res,) = await b.encoders.images([request.image])
+            if isinstance(res, str):
+                raise BadRequest(f"query image: {res}")
+            vec = res
+        else:
+            raise BadRequest("set a query: text or image")
+        t1 = time.perf_counter()
+        info = await asyncio.to_thread(b.index.describe, request.collection)
+        _check_version(info, b.model_version)
+        weights = resolve_weights({path}, {path: 1.0}, dict(request.path_weights))
+        hits: list[Hit] = await asyncio.to_thread(
+            b.index.search,
+            request.collection,
+            {path: vec},
+            weights,
+            top_k,
+            dict(request.filter),
+        )
+        t2 = time.perf_counter()
+        resp = ret_pb.SearchResponse(model_version=b.model_version)
+        for h in hits:
+            resp.hits.append(
+                ret_pb.SearchHit(
+                    id=h.id,
+                    score=h.score,
+                    path_scores=h.path_scores,
+                    uri=str(h.payload.get("source_uri", "")),
+                    payload=_struct(h.payload),
+                )
+            )
+        if request.explain:
+            resp.timings_ms.update({"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3})
+        return resp
+
+
+def _check_version(info: CollectionInfo, model_version: str) -> None:
+    if info.model_version != model_version:
+        raise ModelVersionMismatch(
+            f"collection {info.name!r} was filled by model {info.model_version}; "
+            f"this service runs {model_version}"
+        )
+
+
+# -- models -----------------------------------------------------------------------------------
+class ModelServicer(mod_grpc.ModelServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.b = backend
+
+    @rpc
+    async def EncodeText(self, request: Any, context: Any) -> Any:
+        texts = list(request.texts)
+        _check_batch(len(texts), "texts")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise BadRequest(f"texts[{i}] is empty")
+            if len(t) > MAX_QUERY_CHARS:
+                raise BadRequest(f"texts[{i}] exceeds the limit of {MAX_QUERY_CHARS} characters")
+        vecs = await self.b.encoders.text(texts)
+        return mod_pb.EncodeTextResponse(
+            embeddings=[common_pb2.Vector(values=v.tolist()) for v in vecs],
+            model_version=self.b.model_version,
+        )
+
+    @rpc
+    async def EncodeImage(self, request: Any, context: Any) -> Any:
+        images = list(request.images)
+        _check_batch(len(images), "images")
+        if request.vector not in ("", "image"):
+            raise BadRequest(f"unknown image vector {request.vector!r}; this model has: image")
+        for i, img in enumerate(images):
+            if len(img) > MAX_IMAGE_BYTES:
+                raise BadRequest(f"images[{i}] exceeds the limit of {MAX_IMAGE_BYTES} bytes")
+        results = await self.b.encoders.images(images)
+        resp = mod_pb.EncodeImageResponse(model_version=self.b.model_version)
+        for r in results:
+            if isinstance(r, str):
+                resp.embeddings.append(common_pb2.Vector())
+                resp.errors.append(r)
+            else:
+                resp.embeddings.append(common_pb2.Vector(values=r.tolist()))
+                resp.errors.append("")
+        return resp
+
+
+def _check_batch(n: int, what: str) -> None:
+    if n == 0:
+        raise BadRequest(f"no {what} given")
+    if n > MAX_BATCH:
+        raise BadRequest(f"{n} {what} exceed the limit of {MAX_BATCH} per request")
+
+
+# -- collections ------------------------------------------------------------------------------
+def _collection_pb(info: CollectionInfo) -> Any:
+    return col_pb.Collection(
+        name=info.name,
+        model_version=info.model_version,
+        points_count=info.points_count,
+        vectors=[col_pb.NamedVector(name=k, size=v) for k, v in sorted(info.vectors.items())],
+    )
+
+
+class CollectionServicer(col_grpc.CollectionServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.b = backend
+
+    @rpc
+    async def CreateCollection(self, request: Any, context: Any) -> Any:
+        name = check_collection(request.name)
+        await asyncio.to_thread(
+            self.b.index.ensure_collection, name, self.b.vectors, self.b.model_version
+        )
+        info = await asyncio.to_thread(self.b.index.describe, name)
+        return col_pb.CreateCollectionResponse(collection=_collection_pb(info))
+
+    @rpc
+    async def DescribeCollection(self, request: Any, context: Any) -> Any:
+        info = await asyncio.to_thread(self.b.index.describe, check_collection(request.name))
+        return col_pb.DescribeCollectionResponse(collection=_collection_pb(info))
+
+    @rpc
+    async def ListCollections(self, request: Any, context: Any) -> Any:
+        infos = await asyncio.to_thread(self.b.index.list_collections)
+        return col_pb.ListCollectionsResponse(collections=[_collection_pb(i) for i in infos])
+
+    @rpc
+    async def DeleteCollection(self, request: Any, context: Any) -> Any:
+        name = check_collection(request.name)
+        if not await asyncio.to_thread(self.b.index.delete_collection, name):
+            raise CollectionNotFound(f"collection {name!r} not found")
+        return col_pb.DeleteCollectionResponse()
+
+
+# -- ingestion --------------------------------------------------------------------------------
+_STATES = {
+    "QUEUED": ing_pb.JOB_STATE_QUEUED,
+    "RUNNING": ing_pb.JOB_STATE_RUNNING,
+    "SUCCEEDED": ing_pb.JOB_STATE_SUCCEEDED,
+    "SUCCEEDED_WITH_ERRORS": ing_pb.JOB_STATE_SUCCEEDED_WITH_ERRORS,
+    "FAILED": ing_pb.JOB_STATE_FAILED,
+    "CANCELLED": ing_pb.JOB_STATE_CANCELLED,
+}
+
+
+def job_pb(job: Job) -> Any:
+    return ing_pb.IngestJob(
+        id=job.id,
+        collection=job.collection,
+        source=job.source,
+        state=_STATES[job.state.value],
+        total=job.total,
+        embedded=job.embedded,
+        skipped=job.skipped,
+        failed=job.failed,
+        listing_done=job.listing_done,
+        error=job.error,
+        model_version=job.model_version,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        failures=[ing_pb.ObjectFailure(uri=u, reason=r) for u, r in job.failures],
+    )
+
+
+def check_source(source: str) -> str:
+    from pathlib import Path
+
+    source = source.strip()
+    if not source:
+        raise BadRequest("source is empty: give a folder or s3://bucket/prefix")
+    if source.startswith("s3://"):
+        if len(source) <= len("s3://") or source[5] == "/":
+            raise BadRequest(f"bad source {source!r}: expected s3://bucket/prefix")
+        return source
+    path = Path(source.removeprefix("file://"))
+    if not path.is_absolute():
+        raise BadRequest(f"source folder {source!r} must be an absolute path on the server")
+    if not path.is_dir():
+        raise BadRequest(f"source folder {source} does not exist on the server")
+    return source
+
+
+class IngestionServicer(ing_grpc.IngestionServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.b = backend
+
+    @rpc
+    async def CreateIngestJob(self, request: Any, context: Any) -> Any:
+        b = self.b
+        name = check_collection(request.collection)
+        source = check_source(request.source)
+        chunk = request.chunk_size or b.default_chunk_size
+        if chunk > 10_000:
+            raise BadRequest(f"chunk_size {chunk} exceeds the limit of 10000")
+        await asyncio.to_thread(b.index.ensure_collection, name, b.vectors, b.model_version)
+        job = await asyncio.to_thread(
+            b.jobs.create, name, source, chunk, dict(request.metadata), b.model_version
+        )
+        try:
+            await asyncio.to_thread(b.queue.submit, job.id)
+        except Exception as exc:
+            await asyncio.to_thread(b.jobs.fail, job.id, f"could not queue the job: {exc}")
+            raise IndexUnavailable(f"the job queue is unavailable: {exc}") from exc
+        return ing_pb.CreateIngestJobResponse(job=job_pb(job))
+
+    @rpc
+    async def GetIngestJob(self, request: Any, context: Any) -> Any:
+        job = await asyncio.to_thread(self.b.jobs.get, request.id)
+        return ing_pb.GetIngestJobResponse(job=job_pb(job))
+
+    async def WatchIngestJob(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            try:
+                job = await asyncio.to_thread(self.b.jobs.get, request.id)
+            except Exception as exc:
+                await _abort(context, exc, "WatchIngestJob")
+                return
+            snapshot = (job.state, job.total, job.processed, job.listing_done)
+            if snapshot != last:
+                last = snapshot
+                yield ing_pb.WatchIngestJobResponse(job=job_pb(job))
+            if job.state.terminal:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+
+    @rpc
+    async def CancelIngestJob(self, request: Any, context: Any) -> Any:
+        job = await asyncio.to_thread(self.b.jobs.cancel, request.id)
+        return ing_pb.CancelIngestJobResponse(job=job_pb(job))
+
+    @rpc
+    async def ListIngestJobs(self, request: Any, context: Any) -> Any:
+        size = request.page_size or 50
+        if size > 1000:
+            raise BadRequest("page_size exceeds the limit of 1000")
+        jobs = await asyncio.to_thread(self.b.jobs.list, request.collection, size)
+        return ing_pb.ListIngestJobsResponse(jobs=[job_pb(j) for j in jobs])
+
+
+# -- internal index access --------------------------------------------------------------------
+class IndexServicer(idx_grpc.IndexServiceServicer):
+    """Lets workers use an embedded index that this process owns."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.b = backend
+
+    @rpc
+    async def EnsureCollection(self, request: Any, context: Any) -> Any:
+        name = check_collection(request.collection)
+        await asyncio.to_thread(
+            self.b.index.ensure_collection, name, dict(request.vectors), request.model_version
+        )
+        return idx_pb.EnsureCollectionResponse()
+
+    @rpc
+    async def GetEtags(self, request: Any, context: Any) -> Any:
+        etags = await asyncio.to_thread(
+            self.b.index.get_etags, check_collection(request.collection), list(request.ids)
+        )
+        return idx_pb.GetEtagsResponse(etags=etags)
+
+    @rpc
+    async def UpsertPoints(self, request: Any, context: Any) -> Any:
+        points = [
+            Point(
+                id=p.id,
+                vectors={k: list(v.values) for k, v in p.vectors.items()},
+                payload=json_format.MessageToDict(p.payload),
+            )
+            for p in request.points
+        ]
+        await asyncio.to_thread(self.b.index.upsert, check_collection(request.collection), points)
+        return idx_pb.UpsertPointsResponse()
+
+
+def add_all(server: grpc.aio.Server, backend: Backend, with_index: bool) -> list[str]:
+    """Register every servicer; returns the full service names (for reflection)."""
+    ret_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(backend), server)
+    ing_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(backend), server)
+    col_grpc.add_CollectionServiceServicer_to_server(CollectionServicer(backend), server)
+    mod_grpc.add_ModelServiceServicer_to_server(ModelServicer(backend), server)
+    names = [
+        ret_pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
+        ing_pb.DESCRIPTOR.services_by_name["IngestionService"].full_name,
+        col_pb.DESCRIPTOR.services_by_name["CollectionService"].full_name,
+        mod_pb.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    ]
+    if with_index:
+        idx_grpc.add_IndexServiceServicer_to_server(IndexServicer(backend), server)
+        names.append(idx_pb.DESCRIPTOR.services_by_name["IndexService"].full_name)
+    return names

@@ -1,0 +1,1 @@
+"""The Ray Train job that trains Imagine's models."""

@@ -1,0 +1,168 @@
+"""Training stages, one per model family. Each runs inside a Ray Train worker.
+
+Stage ``dual_encoder``: contrastive training of the image tower (and the text projection) against
+the locked all-MiniLM-L6-v2 text tower. Captions that share a label are positives of each other
+(a multi-positive InfoNCE), so a batch holding two sneakers does not push them apart.
+The locked text transformer's pooled features are computed once per distinct caption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from imagine.models.dual_encoder import DualEncoder, build_clip, save_checkpoint
+from imagine.models.registry import get_model_config
+from trainer.datasets import TrainData, load_train_data
+
+STATE_FILE = "train_state.pt"
+
+
+def multi_positive_loss(
+    img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair in the same group is a positive."""
+    logits = scale * img @ txt.T
+    pos = (groups[:, None] == groups[None, :]).float()
+    target = pos / pos.sum(dim=1, keepdim=True)
+    loss_i = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_t = -(target * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (loss_i + loss_t) / 2
+
+
+@torch.no_grad()
+def pooled_text_features(
+    model: torch.nn.Module, encoder: DualEncoder, captions: list[str], batch: int = 256
+) -> torch.Tensor:
+    """The locked text transformer's pooled output per caption (before the projection)."""
+    text: Any = model.text
+    out = []
+    for i in range(0, len(captions), batch):
+        tokens = encoder.tokenize(captions[i : i + batch])
+        mask = (tokens != text.config.pad_token_id).long()
+        hidden = text.transformer(input_ids=tokens, attention_mask=mask)
+        out.append(text.pooler(hidden, mask))
+    return torch.cat(out)
+
+
+def _progress(total: int, desc: str) -> Any:
+    if os.environ.get("IMAGINE_PLAIN_PROGRESS"):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, mininterval=2.0)
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    return ray_tqdm(total=total, desc=desc)
+
+
+def dual_encoder_stage(cfg: dict[str, Any]) -> None:
+    """The Ray Train loop for the dual encoder (runs on each worker)."""
+    import ray.train
+
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    work = Path(cfg["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    model_cfg = get_model_config(cfg["model_config"])
+    model = build_clip(model_cfg)
+    encoder = DualEncoder(model, model_cfg, "training", device="cpu")
+    model.train()
+
+    data: TrainData = load_train_data(cfg["dataset"], cfg.get("limit"), encoder.image_size)
+    uniq = sorted(set(data.captions))
+    index = {c: i for i, c in enumerate(uniq)}
+    pooled = pooled_text_features(model, encoder, uniq)
+    caption_ids = torch.tensor([index[c] for c in data.captions])
+    groups = torch.tensor(data.groups)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    n = len(data.pixels)
+    bs = cfg["batch_size"]
+    steps_per_epoch = max(1, n // bs)
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = min(100, total // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg["lr"] * (step + 1) / warmup
+        return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    step = 0
+    state_path = work / STATE_FILE
+    if cfg["resume"] and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        print(f"resumed from {state_path} at step {step}/{total}")
+
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    bar = _progress(total, "train dual encoder") if rank == 0 else None
+    if bar is not None:
+        bar.update(step)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    mean, std = encoder._mean, encoder._std
+    loss_avg = float("nan")
+    started = time.time()
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        perm = torch.randperm(n, generator=gen.manual_seed(cfg["seed"] + epoch))
+        shard = perm[rank::world]
+        for b in range(pos, min(steps_per_epoch, len(shard) // bs)):
+            idx = shard[b * bs : (b + 1) * bs]
+            x = data.pixels[idx].float() / 255.0
+            flip = torch.rand(len(idx)) < 0.5
+            x[flip] = x[flip].flip(-1)
+            x = (x - mean) / std
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            img = model.encode_image(x, normalize=True)  # type: ignore[operator]
+            txt = F.normalize(model.text.proj(pooled[caption_ids[idx]]), dim=-1)  # type: ignore[union-attr,operator]
+            scale = model.logit_scale.exp().clamp(max=100)  # type: ignore[union-attr,operator]
+            loss = multi_positive_loss(img, txt, groups[idx], scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_avg = loss.item() if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss.item()
+            if bar is not None:
+                bar.update(1)
+            last = step == total
+            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or last):
+                torch.save(
+                    {"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
+                    work / (STATE_FILE + ".tmp"),
+                )
+                (work / (STATE_FILE + ".tmp")).replace(state_path)
+                save_checkpoint(model, model_cfg, work / "last", {"step": step})
+                ray.train.report(
+                    {"step": step, "loss": loss_avg},
+                    checkpoint=ray.train.Checkpoint.from_directory(str(work / "last")),
+                )
+            if step >= total:
+                break
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        (work / "train_summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": step,
+                    "final_loss": loss_avg,
+                    "seconds": time.time() - started,
+                    "examples": n,
+                    "distinct_captions": len(uniq),
+                    "data_fingerprint": data.fingerprint,
+                }
+            )
+        )

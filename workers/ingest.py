@@ -1,0 +1,163 @@
+"""The ingestion logic: list a source, chunk it, embed chunks, upsert points. No Celery here.
+
+A job task lists the source and fans out chunk tasks (keys and etags only, never image bytes).
+A chunk task skips objects whose etag is unchanged, reads the rest, gets their vectors from the
+encoder deployments, and upserts them under ids derived from the object identity. Bad objects
+become per-object failures with a reason; they never stop the job. Chunk outcomes are counted
+once per chunk number, so a retried or redelivered chunk never double-counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from imagine.index import Point, PointStore, point_id
+from imagine.jobs import JobState, SqliteJobStore
+from imagine.storage import ObjectNotFound, ObjectStore, ObjectStoreError, ObjectTooLarge
+
+log = logging.getLogger("imagine.ingest")
+
+MANIFEST_KEY = "manifest.jsonl"  # optional labels: {"image": "key", "label": "..."} per line
+MAX_OBJECT_BYTES = 20 * 1024 * 1024
+
+# One chunk item: (key, etag, label)
+Item = tuple[str, str, str]
+
+
+class Encoder(Protocol):
+    """What the chunk task needs from the model deployments."""
+
+    model_version: str
+
+    def encode_images(self, images: list[bytes]) -> list[list[float] | str]: ...
+
+
+@dataclass
+class IngestContext:
+    jobs: SqliteJobStore
+    index: PointStore
+    open_store: Callable[[str], ObjectStore]
+    encoder: Encoder
+    encode_batch: int = 64
+
+
+def read_labels(store: ObjectStore) -> dict[str, str]:
+    try:
+        raw = store.read(MANIFEST_KEY, max_bytes=256 * 1024 * 1024)
+    except ObjectNotFound:
+        return {}
+    labels = {}
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("image"):
+            labels[str(rec["image"])] = str(rec.get("label", ""))
+    return labels
+
+
+def run_job(
+    ctx: IngestContext, job_id: str, submit_chunk: Callable[[int, list[Item]], None]
+) -> None:
+    """List the source and fan out chunks. Safe to re-run: chunks are idempotent."""
+    job = ctx.jobs.start(job_id)
+    if job.state is not JobState.RUNNING:
+        log.info("job %s is %s; nothing to do", job_id, job.state.value)
+        return
+    store = ctx.open_store(job.source)
+    labels = read_labels(store)
+    chunk: list[Item] = []
+    total = chunks = 0
+    for obj in store.list():
+        if obj.key == MANIFEST_KEY:
+            continue
+        chunk.append((obj.key, obj.etag, labels.get(obj.key, "")))
+        total += 1
+        if len(chunk) >= job.chunk_size:
+            if ctx.jobs.get(job_id).state is JobState.CANCELLED:
+                return
+            submit_chunk(chunks, chunk)
+            ctx.jobs.update_listed(job_id, total)
+            chunks, chunk = chunks + 1, []
+    if chunk:
+        submit_chunk(chunks, chunk)
+        chunks += 1
+    ctx.jobs.set_listing(job_id, total, chunks)
+    log.info("job %s: listed %d objects in %d chunks", job_id, total, chunks)
+
+
+def run_chunk(ctx: IngestContext, job_id: str, chunk_no: int, items: Sequence[Item]) -> None:
+    job = ctx.jobs.get(job_id)
+    if job.state.terminal:
+        log.info("job %s is %s; chunk %d skipped", job_id, job.state.value, chunk_no)
+        return
+    if ctx.encoder.model_version != job.model_version:
+        raise RuntimeError(
+            f"the encoder serves {ctx.encoder.model_version}, "
+            f"job {job_id} needs {job.model_version}"
+        )
+    store = ctx.open_store(job.source)
+    uris = {key: _uri(store, key) for key, _, _ in items}
+    ids = {key: point_id(uris[key]) for key, _, _ in items}
+    existing = ctx.index.get_etags(job.collection, list(ids.values()))
+    todo = [it for it in items if existing.get(ids[it[0]]) != it[1]]
+    skipped = len(items) - len(todo)
+    failures: list[tuple[str, str]] = []
+    points: list[Point] = []
+    for start in range(0, len(todo), ctx.encode_batch):
+        batch = todo[start : start + ctx.encode_batch]
+        blobs, ok = [], []
+        for key, etag, label in batch:
+            try:
+                blobs.append(store.read(key, max_bytes=MAX_OBJECT_BYTES))
+                ok.append((key, etag, label))
+            except ObjectTooLarge as exc:
+                failures.append((uris[key], f"object too large: {exc}"))
+            except ObjectNotFound:
+                failures.append((uris[key], "object disappeared before it was read"))
+            except ObjectStoreError as exc:
+                if type(exc) is not ObjectStoreError:
+                    raise  # unavailable store: retry the chunk
+                failures.append((uris[key], f"unreadable object: {exc}"))
+        vectors = ctx.encoder.encode_images(blobs) if blobs else []
+        for (key, etag, label), vec, blob in zip(ok, vectors, blobs, strict=True):
+            if isinstance(vec, str):
+                failures.append((uris[key], vec))
+                continue
+            points.append(
+                Point(
+                    id=ids[key],
+                    vectors={"image": vec},
+                    payload=_payload(job, uris[key], key, etag, label, len(blob)),
+                )
+            )
+    ctx.index.upsert(job.collection, points)
+    ctx.jobs.record_chunk(job_id, chunk_no, len(points), skipped, failures)
+
+
+def _uri(store: ObjectStore, key: str) -> str:
+    return store.root_uri.rstrip("/") + "/" + key
+
+
+def _payload(job: Any, uri: str, key: str, etag: str, label: str, size: int) -> dict[str, Any]:
+    payload: dict[str, Any] = dict(job.metadata)
+    payload.update(
+        {
+            "source_uri": uri,
+            "source": job.source,
+            "key": key,
+            "etag": etag,
+            "size": size,
+            "job_id": job.id,
+            "ingested_at": time.time(),
+        }
+    )
+    if label:
+        payload["label"] = label
+    return payload

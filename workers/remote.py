@@ -1,0 +1,87 @@
+"""Adapters a worker uses to reach the services over gRPC.
+
+``RemoteIndex`` implements the vector-index port through the ingress's internal
+``IndexService`` (the embedded profile, where the ingress owns the Qdrant store).
+``GrpcEncoder`` gets image vectors from the encoder deployments through ``ModelService``.
+gRPC UNAVAILABLE / DEADLINE_EXCEEDED become :class:`TransientError` so tasks retry them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+
+from imagine.client import ImagineClient
+from imagine.index import CollectionNotFound, ModelVersionMismatch, Point
+from protos.gen.imagine.v1 import common_pb2
+from protos.gen.imagine.v1 import index_service_pb2 as idx_pb
+from protos.gen.imagine.v1 import index_service_pb2_grpc as idx_grpc
+
+T = TypeVar("T")
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class TransientError(RuntimeError):
+    """A dependency is down or slow: retry the task later."""
+
+
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        detail = exc.details()  # type: ignore[attr-defined]
+        if code in TRANSIENT:
+            raise TransientError(f"{code.name}: {detail}") from exc
+        if code is grpc.StatusCode.NOT_FOUND:
+            raise CollectionNotFound(detail) from exc
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            raise ModelVersionMismatch(detail) from exc
+        raise
+
+
+class GrpcEncoder:
+    def __init__(self, client: ImagineClient) -> None:
+        self.client = client
+        _, self.model_version = call(client.encode_text, ["probe"])
+
+    def encode_images(self, images: list[bytes]) -> list[list[float] | str]:
+        vectors, _ = call(self.client.encode_images, images)
+        return vectors
+
+
+class RemoteIndex:
+    """The ingestion side of the index port (``PointStore``) over the owner's ``IndexService``."""
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 120.0) -> None:
+        self.stub = idx_grpc.IndexServiceStub(channel)
+        self.timeout_s = timeout_s
+
+    def ensure_collection(self, name: str, vectors: Mapping[str, int], model_version: str) -> None:
+        req = idx_pb.EnsureCollectionRequest(
+            collection=name, vectors=dict(vectors), model_version=model_version
+        )
+        call(self.stub.EnsureCollection, req, timeout=self.timeout_s)
+
+    def get_etags(self, name: str, ids: Sequence[str]) -> dict[str, str]:
+        req = idx_pb.GetEtagsRequest(collection=name, ids=list(ids))
+        return dict(call(self.stub.GetEtags, req, timeout=self.timeout_s).etags)
+
+    def upsert(self, name: str, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        req = idx_pb.UpsertPointsRequest(collection=name)
+        for p in points:
+            payload = struct_pb2.Struct()
+            payload.update(p.payload)
+            req.points.append(
+                idx_pb.Point(
+                    id=p.id,
+                    vectors={k: common_pb2.Vector(values=list(v)) for k, v in p.vectors.items()},
+                    payload=payload,
+                )
+            )
+        call(self.stub.UpsertPoints, req, timeout=self.timeout_s)
