@@ -1,0 +1,233 @@
+"""The gRPC API over loopback against the real stack: Ray Serve deployments, our gRPC ingress,
+a Celery worker on the filesystem:// broker, Qdrant embedded and SQLite job records."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from PIL import Image
+
+from imagine.client import TERMINAL_STATES, state_name
+from tests.conftest import Stack, make_gallery
+
+pytestmark = pytest.mark.integration
+N = 60
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_gallery(tmp_path_factory.mktemp("gallery"), N, poison=True)
+
+
+@pytest.fixture(scope="module")
+def ingested(stack: Stack, gallery: Path) -> str:
+    with stack.client() as c:
+        job = c.create_ingest_job(str(gallery), "api")
+        job = c.wait_job(job.id, timeout_s=300)
+    assert state_name(job.state) == "SUCCEEDED_WITH_ERRORS", job
+    return "api"
+
+
+def test_ingest_embeds_good_images_and_lists_every_bad_one(stack: Stack, ingested: str) -> None:
+    with stack.client() as c:
+        job = c.list_jobs(ingested)[-1]  # the first job of this collection
+        job = c.get_job(job.id)
+        assert (job.total, job.embedded, job.skipped, job.failed) == (N + 4, N, 0, 4)
+        reasons = {f.uri.rsplit("/", 1)[1]: f.reason for f in job.failures}
+        assert set(reasons) == {
+            "bad-truncated.png",
+            "bad-empty.png",
+            "bad-text.txt",
+            "bad-random.jpg",
+        }
+        assert "empty" in reasons["bad-empty.png"]
+        assert "truncated" in reasons["bad-truncated.png"]
+        assert "not an image" in reasons["bad-text.txt"]
+        assert c.describe_collection(ingested).points_count == N
+
+
+def test_second_ingestion_adds_no_point_and_reports_skips(
+    stack: Stack, gallery: Path, ingested: str
+) -> None:
+    with stack.client() as c:
+        job = c.wait_job(c.create_ingest_job(str(gallery), ingested).id, timeout_s=300)
+        assert (job.embedded, job.skipped, job.failed) == (0, N, 4)
+        assert c.describe_collection(ingested).points_count == N
+
+
+def test_changed_object_is_re_embedded_in_place(stack: Stack, tmp_path: Path) -> None:
+    folder = make_gallery(tmp_path / "g", 5)
+    with stack.client() as c:
+        c.wait_job(c.create_ingest_job(str(folder), "changes").id, timeout_s=300)
+        Image.new("L", (28, 28), 200).save(folder / "00003.png")
+        job = c.wait_job(c.create_ingest_job(str(folder), "changes").id, timeout_s=300)
+        assert (job.embedded, job.skipped) == (1, 4)
+        assert c.describe_collection("changes").points_count == 5
+
+
+def test_watch_streams_progress_until_the_job_ends(stack: Stack, gallery: Path) -> None:
+    with stack.client() as c:
+        job = c.create_ingest_job(str(gallery), "watched", chunk_size=8)
+        states = [j for j in c.watch_job(job.id)]
+    assert states[-1].state in TERMINAL_STATES
+    done = [j.embedded + j.skipped + j.failed for j in states]
+    assert done == sorted(done) and done[-1] == N + 4
+
+
+def test_search_returns_labelled_hits_and_honours_filters(stack: Stack, ingested: str) -> None:
+    with stack.client() as c:
+        resp = c.search("a photo of a sneaker", collection=ingested, top_k=7, explain=True)
+        assert len(resp.hits) == 7
+        scores = [h.score for h in resp.hits]
+        assert scores == sorted(scores, reverse=True)
+        assert all(h.uri.startswith("file://") and "label" in h.payload.fields for h in resp.hits)
+        assert set(resp.timings_ms) >= {"encode", "search"}
+        flt = c.search("anything", collection=ingested, top_k=50, filters={"label": "Bag"})
+        assert flt.hits and {h.payload.fields["label"].string_value for h in flt.hits} == {"Bag"}
+        png = io.BytesIO()
+        Image.new("L", (28, 28), 90).save(png, format="PNG")
+        by_image = c.search(collection=ingested, image=png.getvalue(), top_k=3)
+        assert len(by_image.hits) == 3 and "image" in by_image.hits[0].path_scores
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "words"),
+    [
+        ({"text": "x", "collection": "nope"}, grpc.StatusCode.NOT_FOUND, "not found"),
+        ({"text": "   ", "collection": "api"}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ({"text": "x", "collection": "bad name!"}, grpc.StatusCode.INVALID_ARGUMENT, "collection"),
+        (
+            {"text": "x", "collection": "api", "top_k": 20_000},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_k",
+        ),
+        ({"text": "x" * 1001, "collection": "api"}, grpc.StatusCode.INVALID_ARGUMENT, "1000"),
+        (
+            {"text": "x", "collection": "api", "mode": "fused"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "generator",
+        ),
+        (
+            {"collection": "api", "image": b"not an image"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not an image",
+        ),
+    ],
+)
+def test_bad_search_requests_get_clear_status_codes(
+    stack: Stack, ingested: str, kwargs: dict, code: grpc.StatusCode, words: str
+) -> None:
+    with stack.client() as c, pytest.raises(grpc.RpcError) as err:
+        c.search(**kwargs)
+    assert err.value.code() == code
+    assert words in err.value.details()
+
+
+def test_bad_ingestion_and_job_requests(stack: Stack, tmp_path: Path) -> None:
+    with stack.client() as c:
+        for source, words in [
+            ("", "empty"),
+            ("relative/dir", "absolute"),
+            (str(tmp_path / "missing"), "does not exist"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                c.create_ingest_job(source, "x")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in err.value.details()
+        for call in (c.get_job, c.cancel_job):
+            with pytest.raises(grpc.RpcError) as err:
+                call("no-such-job")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            c.encode_text([""])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        vectors, _ = c.encode_images([b"garbage"])
+        assert isinstance(vectors[0], str) and "not an image" in vectors[0]
+
+
+def test_collections_lifecycle(stack: Stack) -> None:
+    with stack.client() as c:
+        col = c.create_collection("lifecycle")
+        assert col.points_count == 0 and [v.name for v in col.vectors] == ["image"]
+        assert col.model_version == c.encode_text(["x"])[1]
+        assert "lifecycle" in [x.name for x in c.list_collections()]
+        c.delete_collection("lifecycle")
+        assert "lifecycle" not in [x.name for x in c.list_collections()]
+        with pytest.raises(grpc.RpcError) as err:
+            c.describe_collection("lifecycle")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancelled_job_stays_cancelled(stack: Stack, tmp_path: Path) -> None:
+    folder = make_gallery(tmp_path / "g", 200)
+    with stack.client() as c:
+        job = c.create_ingest_job(str(folder), "cancelled", chunk_size=1)
+        c.cancel_job(job.id)
+        job = c.wait_job(job.id, timeout_s=60)
+        assert state_name(job.state) == "CANCELLED"
+        assert state_name(c.get_job(job.id).state) == "CANCELLED"
+
+
+def test_generic_client_discovers_services_by_reflection_and_searches(
+    stack: Stack, ingested: str
+) -> None:
+    channel = grpc.insecure_channel(stack.address)
+    db = ProtoReflectionDescriptorDatabase(channel)
+    services = set(db.get_services())
+    assert {
+        "imagine.v1.RetrievalService",
+        "imagine.v1.IngestionService",
+        "imagine.v1.CollectionService",
+        "imagine.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= services
+    pool = descriptor_pool.DescriptorPool(db)
+    method = pool.FindMethodByName("imagine.v1.RetrievalService.Search")
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    call = channel.unary_unary(
+        "/imagine.v1.RetrievalService/Search",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response_cls.FromString,
+    )
+    resp = call(request_cls(collection=ingested, text="a bag", top_k=3), timeout=60)
+    assert len(resp.hits) == 3
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "imagine.v1.RetrievalService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
+def test_ingress_listens_on_loopback_only(stack: Stack) -> None:
+    port = int(stack.address.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this picks the outward interface
+        outward = s.getsockname()[0]
+    assert outward != "127.0.0.1"
+    with socket.socket() as s, pytest.raises(OSError):
+        s.settimeout(2)
+        s.connect((outward, port))
+
+
+def test_cli_ingest_search_and_jobs(stack: Stack, tmp_path: Path) -> None:
+    folder = make_gallery(tmp_path / "g", 12)
+    out = stack.cli("ingest", str(folder), "--collection", "cli")
+    assert out.returncode == 0, out.stderr
+    assert "12 embedded, 0 skipped (unchanged), 0 failed of 12" in out.stdout
+    out = stack.cli("search", "a photo of a bag", "--collection", "cli", "--k", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("4 hits") and out.stdout.count("file://") == 4
+    out = stack.cli("jobs", "--collection", "cli")
+    assert "SUCCEEDED" in out.stdout
+    out = stack.cli("search", "x", "--collection", "missing")
+    assert out.returncode == 2 and "NOT_FOUND" in out.stderr
