@@ -48,13 +48,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def install_handlers() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    install_handlers()
     from services.app import start, stop
 
     worker: subprocess.Popen[bytes] | None = None
     try:
         info = start(settings)
+        install_handlers()  # Ray's driver installs its own fatal-signal handlers; ours win
+        if stopping:
+            return 0
         if not args.no_worker:
             worker = subprocess.Popen([sys.executable, "-m", "workers"], env=os.environ.copy())
         print(

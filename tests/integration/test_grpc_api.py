@@ -191,7 +191,7 @@ def test_generic_client_discovers_services_by_reflection_and_searches(
         "grpc.health.v1.Health",
     } <= services
     pool = descriptor_pool.DescriptorPool(db)
-    method = pool.FindMethodByName("imagine.v1.RetrievalService.Search")
+    method = pool.FindServiceByName("imagine.v1.RetrievalService").methods_by_name["Search"]
     request_cls = message_factory.GetMessageClass(method.input_type)
     response_cls = message_factory.GetMessageClass(method.output_type)
     call = channel.unary_unary(

@@ -1,0 +1,302 @@
+"""QdrantIndex on qdrant-client's local mode: in memory and on a folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagine.fusion import PATH_VECTORS
+from imagine.index import (
+    CollectionNotFound,
+    ModelVersionMismatch,
+    Point,
+    QdrantIndex,
+    point_id,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
+
+
+@pytest.fixture(params=["memory", "disk"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QdrantIndex]:
+    location = ":memory:" if request.param == "memory" else tmp_path / "qdrant"
+    ix = QdrantIndex.embedded(location)
+    yield ix
+    ix.close()
+
+
+def _point(uri: str, etag: str = "e", label: str = "a", **vectors: list[float]) -> Point:
+    return Point(point_id(uri), dict(vectors), {"etag": etag, "label": label, "uri": uri})
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# -- point ids ---------------------------------------------------------------------------------
+def test_point_id_is_deterministic_per_uri_and_distinct_across_uris() -> None:
+    a = point_id("s3://bucket/a.png")
+    assert a == point_id("s3://bucket/a.png")
+    assert a != point_id("s3://bucket/b.png")
+    assert a != point_id("s3://other/a.png")
+    assert len({point_id(f"s3://b/{i}.png") for i in range(100)}) == 100
+
+
+# -- collections -------------------------------------------------------------------------------
+def test_ensure_collection_creates_named_vectors_and_records_model_version(
+    index: QdrantIndex,
+) -> None:
+    index.ensure_collection("gallery", {"image": 4, "visual": 3}, "model-v1")
+
+    info = index.describe("gallery")
+    assert info.name == "gallery"
+    assert info.model_version == "model-v1"
+    assert info.vectors == {"image": 4, "visual": 3}
+    assert info.points_count == 0
+
+
+def test_ensure_collection_again_with_same_version_keeps_the_points(index: QdrantIndex) -> None:
+    index.ensure_collection("gallery", {"image": 2}, "model-v1")
+    index.upsert("gallery", [_point("s3://b/a.png", image=[1.0, 0.0])])
+
+    index.ensure_collection("gallery", {"image": 2}, "model-v1")
+
+    assert index.describe("gallery").points_count == 1
+
+
+def test_ensure_collection_with_another_model_version_raises(index: QdrantIndex) -> None:
+    index.ensure_collection("gallery", {"image": 2}, "model-v1")
+
+    with pytest.raises(ModelVersionMismatch, match="model-v1") as exc:
+        index.ensure_collection("gallery", {"image": 2}, "model-v2")
+    assert "model-v2" in str(exc.value)
+    assert index.describe("gallery").model_version == "model-v1"
+
+
+def test_ensure_collection_missing_a_vector_name_raises(index: QdrantIndex) -> None:
+    index.ensure_collection("gallery", {"image": 2}, "model-v1")
+
+    with pytest.raises(ModelVersionMismatch, match="visual"):
+        index.ensure_collection("gallery", {"image": 2, "visual": 2}, "model-v1")
+
+
+def test_describe_list_and_delete(index: QdrantIndex) -> None:
+    index.ensure_collection("zeta", {"image": 2}, "m1")
+    index.ensure_collection("alpha", {"image": 2}, "m2")
+    index.upsert("alpha", [_point("s3://b/1", image=[1, 0]), _point("s3://b/2", image=[0, 1])])
+
+    listed = index.list_collections()
+    assert [c.name for c in listed] == ["alpha", "zeta"]
+    assert [c.points_count for c in listed] == [2, 0]
+    assert [c.model_version for c in listed] == ["m2", "m1"]
+
+    assert index.delete_collection("alpha") is True
+    assert index.delete_collection("alpha") is False
+    assert [c.name for c in index.list_collections()] == ["zeta"]
+    with pytest.raises(CollectionNotFound, match="alpha"):
+        index.describe("alpha")
+
+
+def test_unknown_collection_raises_collection_not_found(index: QdrantIndex) -> None:
+    with pytest.raises(CollectionNotFound, match="'nope' not found"):
+        index.describe("nope")
+    with pytest.raises(CollectionNotFound):
+        index.get_etags("nope", [point_id("s3://b/a")])
+    with pytest.raises(CollectionNotFound):
+        index.upsert("nope", [_point("s3://b/a", image=[1.0, 0.0])])
+    with pytest.raises(CollectionNotFound):
+        index.search("nope", {"text": np.array([1.0, 0.0])}, {"text": 1.0}, limit=3)
+    assert index.list_collections() == []
+
+
+# -- points ------------------------------------------------------------------------------------
+def test_upsert_of_the_same_id_twice_keeps_one_point(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2}, "m")
+    index.upsert("g", [_point("s3://b/a.png", etag="old", image=[1.0, 0.0])])
+    index.upsert("g", [_point("s3://b/a.png", etag="new", image=[0.0, 1.0])])
+
+    assert index.describe("g").points_count == 1
+    assert index.get_etags("g", [point_id("s3://b/a.png")]) == {point_id("s3://b/a.png"): "new"}
+    [hit] = index.search("g", {"text": np.array([0.0, 1.0])}, {"text": 1.0}, limit=5)
+    assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_get_etags_returns_present_ids_only(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2}, "m")
+    index.upsert(
+        "g",
+        [
+            _point("s3://b/a", etag="etag-a", image=[1, 0]),
+            _point("s3://b/b", etag="etag-b", image=[0, 1]),
+        ],
+    )
+    ids = [point_id("s3://b/a"), point_id("s3://b/b"), point_id("s3://b/missing")]
+
+    assert index.get_etags("g", ids) == {
+        point_id("s3://b/a"): "etag-a",
+        point_id("s3://b/b"): "etag-b",
+    }
+    assert index.get_etags("g", [point_id("s3://b/missing")]) == {}
+    assert index.get_etags("g", []) == {}
+
+
+# -- search ------------------------------------------------------------------------------------
+def test_single_path_search_ranks_by_cosine_not_dot_product(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2}, "m")
+    index.upsert(
+        "g",
+        [
+            _point("s3://b/long", image=[10.0, 10.0]),  # dot 10, cosine 0.707
+            _point("s3://b/aligned", image=[1.0, 0.1]),  # dot 1, cosine 0.995
+            _point("s3://b/opposite", image=[-1.0, 0.0]),  # cosine -1
+        ],
+    )
+    query = np.array([2.0, 0.0])
+
+    hits = index.search("g", {"text": query}, {"text": 1.0}, limit=3)
+
+    assert [h.payload["uri"] for h in hits] == ["s3://b/aligned", "s3://b/long", "s3://b/opposite"]
+    assert [h.score for h in hits] == pytest.approx(
+        [_cos(query, np.array(v)) for v in ([1.0, 0.1], [10.0, 10.0], [-1.0, 0.0])], abs=1e-5
+    )
+    assert all(h.path_scores == {"text": h.score} for h in hits)
+    assert hits[0].id == point_id("s3://b/aligned")
+
+
+def test_single_path_search_honours_limit_and_label_filter(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2}, "m")
+    rng = np.random.default_rng(0)
+    index.upsert(
+        "g",
+        [
+            _point(f"s3://b/{i}", label="sneaker" if i % 3 == 0 else "bag", image=list(v))
+            for i, v in enumerate(rng.normal(size=(12, 2)))
+        ],
+    )
+
+    hits = index.search(
+        "g", {"text": np.array([1.0, 0.0])}, {"text": 1.0}, limit=10, filters={"label": "sneaker"}
+    )
+
+    assert len(hits) == 4
+    assert {h.payload["label"] for h in hits} == {"sneaker"}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert len(index.search("g", {"text": np.array([1.0, 0.0])}, {"text": 1.0}, limit=5)) == 5
+
+
+def _fill_two_paths(index: QdrantIndex, n: int = 30) -> dict[str, dict[str, np.ndarray]]:
+    assert PATH_VECTORS["text"] == "image" and PATH_VECTORS["generated"] == "visual"
+    index.ensure_collection("g", {"image": 8, "visual": 6}, "m")
+    rng = np.random.default_rng(42)
+    vectors = {}
+    points = []
+    for i in range(n):
+        uri = f"s3://b/{i}.png"
+        vecs = {"image": rng.normal(size=8), "visual": rng.normal(size=6)}
+        vectors[point_id(uri)] = vecs
+        points.append(
+            _point(uri, label="even" if i % 2 == 0 else "odd", **{k: list(v) for k, v in vecs.items()})
+        )
+    index.upsert("g", points)
+    return vectors
+
+
+def test_multi_path_search_fuses_exact_cosines_by_weight(index: QdrantIndex) -> None:
+    vectors = _fill_two_paths(index)
+    rng = np.random.default_rng(7)
+    queries = {"text": rng.normal(size=8), "generated": rng.normal(size=6)}
+    weights = {"text": 0.7, "generated": 0.3}
+
+    hits = index.search("g", queries, weights, limit=5)
+
+    assert len(hits) == 5
+    for hit in hits:
+        exact = {
+            "text": _cos(queries["text"], vectors[hit.id]["image"]),
+            "generated": _cos(queries["generated"], vectors[hit.id]["visual"]),
+        }
+        assert hit.path_scores == pytest.approx(exact, abs=1e-5)
+        assert hit.score == pytest.approx(
+            0.7 * hit.path_scores["text"] + 0.3 * hit.path_scores["generated"], abs=1e-5
+        )
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+    # With every point among the candidates, the top 5 is the brute-force top 5.
+    brute = {
+        pid: 0.7 * _cos(queries["text"], v["image"]) + 0.3 * _cos(queries["generated"], v["visual"])
+        for pid, v in vectors.items()
+    }
+    expected = sorted(brute, key=brute.__getitem__, reverse=True)[:5]
+    assert [h.id for h in hits] == expected
+
+
+def test_multi_path_search_weights_change_the_ranking(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2, "visual": 2}, "m")
+    index.upsert(
+        "g",
+        [
+            _point("s3://b/text-match", image=[1.0, 0.0], visual=[0.0, 1.0]),
+            _point("s3://b/visual-match", image=[0.0, 1.0], visual=[1.0, 0.0]),
+        ],
+    )
+    queries = {"text": np.array([1.0, 0.0]), "generated": np.array([1.0, 0.0])}
+
+    text_heavy = index.search("g", queries, {"text": 0.9, "generated": 0.1}, limit=2)
+    visual_heavy = index.search("g", queries, {"text": 0.1, "generated": 0.9}, limit=2)
+
+    assert text_heavy[0].payload["uri"] == "s3://b/text-match"
+    assert visual_heavy[0].payload["uri"] == "s3://b/visual-match"
+    assert text_heavy[0].score == pytest.approx(0.9, abs=1e-5)
+
+
+def test_multi_path_search_honours_label_filter(index: QdrantIndex) -> None:
+    _fill_two_paths(index)
+    rng = np.random.default_rng(3)
+    queries = {"text": rng.normal(size=8), "generated": rng.normal(size=6)}
+
+    hits = index.search(
+        "g", queries, {"text": 0.5, "generated": 0.5}, limit=50, filters={"label": "odd"}
+    )
+
+    assert len(hits) == 15
+    assert {h.payload["label"] for h in hits} == {"odd"}
+
+
+def test_multi_path_search_of_empty_collection_is_empty(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2, "visual": 2}, "m")
+    queries = {"text": np.array([1.0, 0.0]), "generated": np.array([1.0, 0.0])}
+    assert index.search("g", queries, {"text": 0.5, "generated": 0.5}, limit=3) == []
+
+
+# -- on disk -----------------------------------------------------------------------------------
+def test_on_disk_index_keeps_points_after_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    ix = QdrantIndex.embedded(path)
+    ix.ensure_collection("g", {"image": 2}, "model-v1")
+    ix.upsert(
+        "g",
+        [
+            _point("s3://b/a", etag="etag-a", image=[1.0, 0.0]),
+            _point("s3://b/b", etag="etag-b", image=[0.0, 1.0]),
+        ],
+    )
+    ix.close()
+
+    reopened = QdrantIndex.embedded(path)
+    try:
+        info = reopened.describe("g")
+        assert (info.model_version, info.points_count, info.vectors) == (
+            "model-v1",
+            2,
+            {"image": 2},
+        )
+        assert reopened.get_etags("g", [point_id("s3://b/a")]) == {point_id("s3://b/a"): "etag-a"}
+        [top, _] = reopened.search("g", {"text": np.array([0.0, 1.0])}, {"text": 1.0}, limit=2)
+        assert top.payload["uri"] == "s3://b/b"
+        with pytest.raises(ModelVersionMismatch):
+            reopened.ensure_collection("g", {"image": 2}, "model-v2")
+    finally:
+        reopened.close()
