@@ -147,6 +147,10 @@ def read_manifest(root: Path, manifest: Path | None = None) -> list[dict[str, st
             raise DatasetError(f"{path}:{lineno}: not JSON: {exc}") from exc
         if not isinstance(rec, dict) or not rec.get("image") or not rec.get("caption"):
             raise DatasetError(f"{path}:{lineno}: needs 'image' and 'caption'")
+        if not all(isinstance(rec.get(k, ""), str) for k in ("image", "caption", "label")):
+            raise DatasetError(f"{path}:{lineno}: 'image', 'caption' and 'label' must be strings")
+        if "\0" in rec["image"]:
+            raise DatasetError(f"{path}:{lineno}: image path contains a NUL byte")
         image = (root / rec["image"]).resolve()
         if not image.is_relative_to(root.resolve()):
             raise DatasetError(f"{path}:{lineno}: image path leaves the dataset folder")

@@ -77,20 +77,20 @@ def start_stack(data_dir: Path, extra_env: dict[str, str] | None = None) -> Stac
     from imagine.client import ImagineClient
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "IMAGINE_DATA_DIR": str(data_dir),
-        "IMAGINE_GRPC_ADDRESS": address,
+        "IMAGINE_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
         "IMAGINE_MODEL": TINY_MODEL,
         **(extra_env or {}),
     }
+    address = env["IMAGINE_GRPC_ADDRESS"]
     log = data_dir / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagine.cli", "serve"],
         env=env,
         cwd=ROOT,
-        stdout=log.open("wb"),
+        stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

@@ -37,6 +37,17 @@ def parse_dataset(spec: str) -> tuple[str, Path | None]:
     raise ValueError(f"unknown dataset {spec!r}: use 'fashion-mnist' or 'folder:/path'")
 
 
+def validate_dataset(spec: str) -> str:
+    """Fail fast, before any Ray worker starts: a readable description of the dataset."""
+    kind, path = parse_dataset(spec)
+    if kind == "fashion-mnist":
+        images, _ = load_fashion_mnist("train")
+        return f"Fashion-MNIST train split ({len(images)} images)"
+    assert path is not None
+    root, manifest = (path.parent, path) if path.suffix == ".jsonl" else (path, None)
+    return f"folder {root} ({len(read_manifest(root, manifest))} records)"
+
+
 def load_train_data(spec: str, limit: int | None, image_size: int, seed: int = 0) -> TrainData:
     kind, path = parse_dataset(spec)
     if kind == "fashion-mnist":

@@ -58,8 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from imagine.data import DatasetError
+    from trainer.datasets import validate_dataset
     from trainer.stages import dual_encoder_stage
 
+    try:
+        print(f"dataset: {validate_dataset(args.dataset)}")
+    except (DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.no_resume and work.exists():
         shutil.rmtree(work)
     cfg = {

@@ -34,15 +34,22 @@ from imagine.models.registry import (
 LOCKED_PREFIX = "text.transformer."
 
 
+def text_tower_from_package(config: dict[str, Any]) -> bool:
+    """True when the locked text transformer's weights load from a package, not a checkpoint."""
+    return (
+        bool(config.get("lock_text", True)) and config["text_cfg"]["hf_model_name"] != "tiny-bert"
+    )
+
+
 def build_clip(config: dict[str, Any]) -> torch.nn.Module:
     """A ``CustomTextCLIP`` from our JSON config (weights of the text tower from its package)."""
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
     text_cfg = dict(config["text_cfg"])
+    if not text_tower_from_package(config):
+        text_cfg["hf_model_pretrained"] = False
     text_cfg["hf_model_name"] = resolve_hf_path(text_cfg["hf_model_name"])
     text_cfg["hf_tokenizer_name"] = resolve_hf_path(text_cfg["hf_tokenizer_name"])
-    if text_cfg["hf_model_name"] == resolve_hf_path("tiny-bert"):
-        text_cfg["hf_model_pretrained"] = False
     model = CustomTextCLIP(
         embed_dim=config["embed_dim"],
         vision_cfg=CLIPVisionCfg(**config["vision_cfg"]),
@@ -124,7 +131,7 @@ class DualEncoder:
 
 def trainable_state(model: torch.nn.Module, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     state = model.state_dict()
-    if config.get("lock_text", True):
+    if text_tower_from_package(config):
         state = {k: v for k, v in state.items() if not k.startswith(LOCKED_PREFIX)}
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -161,7 +168,8 @@ def load_dual_encoder(spec: str, device: str | None = None, seed: int = 0) -> Du
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise ModelLoadError(f"checkpoint {ckpt.weights} is corrupt: {exc}") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(LOCKED_PREFIX)]
+    optional = LOCKED_PREFIX if text_tower_from_package(ckpt.config) else "\0"
+    bad_missing = [k for k in missing if not k.startswith(optional)]
     if bad_missing or unexpected:
         raise ModelLoadError(
             f"checkpoint {ckpt.path} does not match its config: "

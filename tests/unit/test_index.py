@@ -198,7 +198,9 @@ def _fill_two_paths(index: QdrantIndex, n: int = 30) -> dict[str, dict[str, np.n
         vecs = {"image": rng.normal(size=8), "visual": rng.normal(size=6)}
         vectors[point_id(uri)] = vecs
         points.append(
-            _point(uri, label="even" if i % 2 == 0 else "odd", **{k: list(v) for k, v in vecs.items()})
+            _point(
+                uri, label="even" if i % 2 == 0 else "odd", **{k: list(v) for k, v in vecs.items()}
+            )
         )
     index.upsert("g", points)
     return vectors
