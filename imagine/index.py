@@ -104,8 +104,9 @@ class VectorIndex(PointStore, Protocol):
 class QdrantIndex:
     """The Qdrant adapter: ``QdrantIndex.embedded(path)`` or ``QdrantIndex.remote(url)``."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, payload_indexes: bool = True) -> None:
         self._client = client
+        self._payload_indexes = payload_indexes  # local mode filters by scanning instead
         # qdrant-client local mode is not thread-safe; a server client is, but a lock is cheap.
         self._lock = threading.RLock()
 
@@ -114,9 +115,9 @@ class QdrantIndex:
         from qdrant_client import QdrantClient
 
         if str(path) == ":memory:":
-            return cls(QdrantClient(location=":memory:"))
+            return cls(QdrantClient(location=":memory:"), payload_indexes=False)
         Path(path).mkdir(parents=True, exist_ok=True)
-        return cls(QdrantClient(path=str(path)))
+        return cls(QdrantClient(path=str(path)), payload_indexes=False)
 
     @classmethod
     def remote(cls, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> QdrantIndex:
@@ -154,7 +155,7 @@ class QdrantIndex:
                 },
                 metadata={"model_version": model_version},
             )
-            for fld in INDEXED_FIELDS:
+            for fld in INDEXED_FIELDS if self._payload_indexes else ():
                 self._client.create_payload_index(name, fld, models.PayloadSchemaType.KEYWORD)
 
     def describe(self, name: str) -> CollectionInfo:

@@ -1,0 +1,152 @@
+"""``make bench``: throughput and latency through the services against the in-process limit.
+
+- Ingestion: images/s of the whole job path (CreateIngestJob -> Celery job and chunk tasks ->
+  ImageEncoder deployment over gRPC -> Qdrant upsert through the index owner), from the request
+  to the job's end; against the same encoder run in-process on the same files (read, decode,
+  encode, no services, no index).
+- Query: p50/p95 latency of a text Search over gRPC against the same query in-process (encode
+  the text, search an embedded Qdrant holding the same vectors).
+
+Prints a table; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUERIES = [
+    "a photo of a sneaker",
+    "a pair of trousers",
+    "an elegant dress",
+    "a leather bag",
+    "a warm winter coat",
+    "summer sandals",
+    "a light pullover sweater",
+    "a dark ankle boot",
+    "a striped t-shirt",
+    "a shirt with buttons",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def in_process_ingest(files: list[Path], model: str, batch: int = 64) -> float:
+    from imagine.imaging import decode_image
+    from imagine.models.dual_encoder import load_dual_encoder
+
+    encoder = load_dual_encoder(model)
+    encoder.encode_images([decode_image(files[0].read_bytes())])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(files), batch):
+        images = [decode_image(p.read_bytes()) for p in files[i : i + batch]]
+        encoder.encode_images(images)
+    return len(files) / (time.perf_counter() - start)
+
+
+def in_process_queries(files: list[Path], model: str, rounds: int) -> list[float]:
+    from imagine.imaging import decode_image
+    from imagine.index import Point, QdrantIndex, point_id
+    from imagine.models.dual_encoder import load_dual_encoder
+
+    encoder = load_dual_encoder(model)
+    index = QdrantIndex.embedded(":memory:")
+    index.ensure_collection("bench", {"image": encoder.dim}, encoder.model_version)
+    for i in range(0, len(files), 256):
+        chunk = files[i : i + 256]
+        vecs = encoder.encode_images([decode_image(p.read_bytes()) for p in chunk])
+        points = [
+            Point(point_id(str(p)), {"image": v.tolist()}, {"key": p.name})
+            for p, v in zip(chunk, vecs, strict=True)
+        ]
+        index.upsert("bench", points)
+    times = []
+    for r in range(rounds):
+        q = QUERIES[r % len(QUERIES)]
+        start = time.perf_counter()
+        (vec,) = encoder.encode_text([q])
+        index.search("bench", {"text": vec}, {"text": 1.0}, 10)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--limit", type=int, default=10_000, help="gallery size")
+    p.add_argument("--queries", type=int, default=200)
+    ns = p.parse_args(argv)
+
+    from imagine.config import DEFAULT_MODEL
+    from imagine.data import export_gallery
+    from imagine.demo import start_services, stop_services
+    from tests.conftest import free_port
+
+    model = os.environ.get("IMAGINE_MODEL", DEFAULT_MODEL)
+    work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
+    gallery = work / "gallery"
+    export_gallery(gallery, "test", ns.limit)
+    files = sorted(gallery.glob("*.png"))
+    env = {
+        **os.environ,
+        "IMAGINE_DATA_DIR": str(work / "data"),
+        "IMAGINE_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "IMAGINE_MODEL": model,
+    }
+    print(f"bench: {len(files)} images, model {model}, {os.cpu_count()} cores, data in {work}")
+    rows: list[tuple[str, str, str]] = []
+
+    limit_ips = in_process_ingest(files, model)
+    local_ms = in_process_queries(files, model, ns.queries)
+
+    from imagine.client import ImagineClient, state_name
+
+    proc = start_services(env, work / "serve.log")
+    try:
+        with ImagineClient(env["IMAGINE_GRPC_ADDRESS"], timeout_s=600) as c:
+            for label in ("ingest (new gallery)", "re-ingest (all unchanged)"):
+                start = time.perf_counter()
+                job = c.wait_job(c.create_ingest_job(str(gallery), "bench").id)
+                ips = job.total / (time.perf_counter() - start)
+                assert state_name(job.state) == "SUCCEEDED", job
+                rows.append((label, f"{ips:,.0f} img/s", f"{ips / limit_ips:.2f} of limit"))
+            for q in QUERIES:  # warm-up
+                c.search(q, collection="bench", top_k=10)
+            grpc_ms = []
+            for r in range(ns.queries):
+                start = time.perf_counter()
+                c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10)
+                grpc_ms.append((time.perf_counter() - start) * 1e3)
+    finally:
+        stop_services(proc)
+
+    rows.insert(0, ("ingest in-process limit (decode + encode)", f"{limit_ips:,.0f} img/s", "1.00"))
+    for name, ms in (
+        ("query in-process (encode + search)", local_ms),
+        ("query over gRPC", grpc_ms),
+    ):
+        rows.append(
+            (
+                name,
+                f"p50 {percentile(ms, 50):.1f} ms",
+                f"p95 {percentile(ms, 95):.1f} ms, mean {statistics.fmean(ms):.1f} ms",
+            )
+        )
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measure':<{width}}  {'value':>16}  note")
+    print("-" * (width + 50))
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>16}  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

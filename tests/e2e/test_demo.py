@@ -1,0 +1,64 @@
+"""The demo path end to end, as `make demo` runs it, on a small gallery with the default model."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+LIMIT = 500
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment mentions ``marker`` (ours and Ray's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_demo_ingests_searches_evaluates_and_cleans_up(tmp_path: Path) -> None:
+    data_dir = tmp_path / "imagine-data"
+    env = {
+        **os.environ,
+        "IMAGINE_DATA_DIR": str(data_dir),
+        "IMAGINE_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
+    env.pop("IMAGINE_MODEL", None)  # the committed default checkpoint
+    res = subprocess.run(
+        [sys.executable, "-m", "imagine.cli", "demo", "--limit", str(LIMIT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = res.stdout
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "first run: job" in out and f"{LIMIT} embedded, 0 skipped" in out
+    assert f"0 embedded, {LIMIT} skipped (unchanged), 0 failed" in out
+    assert out.count(f"collection holds {LIMIT} points") == 2
+    assert "'a photo of a sneaker'" in out and "1. " in out
+    mean = re.search(r"^mean\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
+    assert mean, out[-2000:]
+    map_, p10 = float(mean.group(1)), float(mean.group(2))
+    assert map_ > 0.7 and p10 > 0.7, (map_, p10)
+    assert (data_dir / "demo" / "contact_sheet.png").stat().st_size > 10_000
+    assert (data_dir / "demo" / "eval.json").is_file()
+    deadline = time.monotonic() + 30
+    while processes_with(str(data_dir)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert processes_with(str(data_dir)) == []
