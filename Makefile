@@ -34,7 +34,15 @@ data: ## install the Fashion-MNIST package (Debian dataset-fashion-mnist) if mis
 demo: setup ## the main job on the embedded default: ingest Fashion-MNIST, search, evaluate
 	$(BIN)/imagine demo
 
-test: setup ## the whole test suite (unit, integration on loopback, end to end)
+test-deps: ## install redis-server (the Redis broker tests start their own) if missing
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install redis-server'"; exit 1; \
+	  fi; }
+
+test: setup test-deps ## the whole test suite (unit, integration on loopback, end to end)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup ## unit tests only (tiny in-memory models)

@@ -22,7 +22,31 @@ from imagine.client import state_name
 from tests.conftest import Stack, free_port, start_stack
 
 pytestmark = pytest.mark.integration
-REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server of our own on a free loopback port (`make test` installs redis-server)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +76,13 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def redis_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Stack]:
-    redis.Redis.from_url(REDIS_URL).flushdb()
+def redis_stack(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str
+) -> Iterator[Stack]:
     stack = start_stack(
         tmp_path_factory.mktemp("redis-stack"),
         {
-            "IMAGINE_BROKER_URL": REDIS_URL,
+            "IMAGINE_BROKER_URL": redis_url,
             "IMAGINE_STORAGE__ENDPOINT": s3_endpoint,
             "IMAGINE_STORAGE__ACCESS_KEY": "testing",
             "IMAGINE_STORAGE__SECRET_KEY": "testing",
@@ -65,7 +90,6 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> I
     )
     yield stack
     assert stack.stop() == 0
-    redis.Redis.from_url(REDIS_URL).flushdb()
 
 
 def _put_gallery(endpoint: str, bucket: str, prefix: str, n: int) -> None:
