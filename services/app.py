@@ -36,8 +36,8 @@ def build_app(settings: ServiceSettings) -> Any:
     image = ImageEncoder.options(**replicas).bind(
         *common, settings.torch_threads, DEFAULT_MAX_PIXELS
     )
-    ingress = Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus})
-    return ingress.bind(settings.model_dump(mode="json"), text, image)
+    front = Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus})
+    return front.bind(settings.model_dump(mode="json"), text, image)
 
 
 def start(settings: ServiceSettings) -> dict[str, str]:
@@ -72,3 +72,11 @@ def stop() -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def app_from_env(args: dict[str, str] | None = None) -> Any:
+    """Serve application builder (``services.app:app_from_env``) for ``serve run`` and KubeRay's
+    RayService: settings come from the ``IMAGINE_*`` environment; ``args`` override fields."""
+    from imagine.config import load_service_settings
+
+    return build_app(load_service_settings(**(args or {})))
