@@ -16,7 +16,11 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "local-dir:" + str(REPO_ROOT / "checkpoints" / "fmnist-dual")
+CHECKPOINTS = REPO_ROOT / "checkpoints"
+DEFAULT_MODEL = "local-dir:" + str(CHECKPOINTS / "fmnist-dual")
+DEFAULT_VISION = "local-dir:" + str(CHECKPOINTS / "fmnist-vision")
+DEFAULT_GENERATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-generator")
+DEFAULT_AGGREGATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-aggregator")
 
 
 class QdrantSettings(BaseModel):
@@ -62,7 +66,17 @@ class ClientSettings(_Common):
 class ServiceSettings(_Common):
     """The Ray Serve application (model deployments and the gRPC ingress)."""
 
-    model: str = Field(default=DEFAULT_MODEL, description="Model spec, e.g. local-dir:/models/x")
+    model: str = Field(default=DEFAULT_MODEL, description="Dual encoder spec (local-dir:/path)")
+    # The generative paths; an empty spec switches a model off (text-only search).
+    vision_model: str = Field(default=DEFAULT_VISION, description="Vision-only encoder spec")
+    generator_model: str = Field(default=DEFAULT_GENERATOR, description="Diffusion generator")
+    aggregator_model: str = Field(default=DEFAULT_AGGREGATOR, description="Aggregator + fusion")
+    default_num_generated: int = 4
+    default_steps: int = 20
+    default_guidance: float = 3.0
+    generator_batch_size: int = 16  # concurrent queries sharing one denoising loop
+    generator_batch_wait_s: float = 0.02
+    query_cache_size: int = 1024  # generated-query vectors kept (LRU)
     qdrant: QdrantSettings = QdrantSettings()
     storage: StorageSettings = StorageSettings()
     broker_url: str | None = Field(default=None, description="None: filesystem:// under data_dir")
@@ -77,6 +91,28 @@ class ServiceSettings(_Common):
     torch_threads: int = 0
     ray_address: str | None = Field(default=None, description="None: start a local Ray")
     num_cpus: int | None = None
+
+    def generative_specs(self) -> dict[str, str]:
+        """The generative models to serve. An empty spec switches one off; a default checkpoint
+        that is not there (not trained yet) is skipped, while an explicit spec must load."""
+        defaults = {
+            "vision": DEFAULT_VISION,
+            "generator": DEFAULT_GENERATOR,
+            "aggregator": DEFAULT_AGGREGATOR,
+        }
+        specs = {
+            "vision": self.vision_model,
+            "generator": self.generator_model,
+            "aggregator": self.aggregator_model,
+        }
+        out = {}
+        for name, spec in specs.items():
+            if not spec:
+                continue
+            if spec == defaults[name] and not Path(spec.removeprefix("local-dir:")).is_dir():
+                continue
+            out[name] = spec
+        return out
 
     @property
     def qdrant_path(self) -> Path:

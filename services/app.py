@@ -25,6 +25,9 @@ def build_app(settings: ServiceSettings) -> Any:
     # @serve.deployment turns the classes into Deployments (options/bind); mypy sees classes.
     TextEncoder: Any = deployments.TextEncoder
     ImageEncoder: Any = deployments.ImageEncoder
+    VisionEncoder: Any = deployments.VisionEncoder
+    Generator: Any = deployments.Generator
+    Aggregator: Any = deployments.Aggregator
     Ingress: Any = ingress.Ingress
 
     replicas = {
@@ -36,8 +39,24 @@ def build_app(settings: ServiceSettings) -> Any:
     image = ImageEncoder.options(**replicas).bind(
         *common, settings.torch_threads, DEFAULT_MAX_PIXELS
     )
+    vision = generator = aggregator = None
+    specs = settings.generative_specs()
+    if "vision" in specs:
+        vision = VisionEncoder.options(**replicas).bind(
+            specs["vision"], *common[1:], settings.torch_threads, DEFAULT_MAX_PIXELS
+        )
+    if len(specs) == 3:
+        generator = Generator.options(**replicas).bind(
+            specs["generator"],
+            settings.generator_batch_size,
+            settings.generator_batch_wait_s,
+            settings.torch_threads,
+        )
+        aggregator = Aggregator.options(ray_actor_options={"num_cpus": 0.1}).bind(
+            specs["aggregator"]
+        )
     front = Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus})
-    return front.bind(settings.model_dump(mode="json"), text, image)
+    return front.bind(settings.model_dump(mode="json"), text, image, vision, generator, aggregator)
 
 
 def start(settings: ServiceSettings) -> dict[str, str]:

@@ -1,20 +1,23 @@
 """Ray Serve deployments, one thin class per model. Each builds its model in ``__init__``.
 
-Encode methods use ``@serve.batch``: concurrent requests (queries, ingestion chunks) are served
-by one forward pass. A request may itself carry many inputs; the batch is flattened and split
-back. Batch sizes come from the settings (Serve config / deploy overlays), not the decorator.
+Encode and generate methods use ``@serve.batch``: concurrent requests (queries, ingestion chunks)
+are served by one forward pass or one denoising loop. A request may itself carry many inputs;
+the batch is flattened and split back. Batch sizes come from the settings (Serve config / deploy
+overlays), not the decorator.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from ray import serve
 
 from imagine.imaging import BadImage, decode_image
-from imagine.models.dual_encoder import DualEncoder, load_dual_encoder
 
 log = logging.getLogger("imagine.services")
 
@@ -32,34 +35,64 @@ def _split(values: list[Any], sizes: list[int]) -> list[list[Any]]:
     return out
 
 
-class _EncoderBase:
-    def __init__(
-        self, model_spec: str, max_batch_size: int, batch_wait_s: float, torch_threads: int
-    ) -> None:
-        import os
+def _setup(torch_threads: int) -> None:
+    import torch
 
-        import torch
+    from imagine.runtime import quiet_environment
 
-        from imagine.runtime import quiet_environment
+    quiet_environment()
+    torch.set_num_threads(torch_threads or os.cpu_count() or 1)
 
-        quiet_environment()
-        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
-        self.encoder: DualEncoder = load_dual_encoder(model_spec)
+
+def encode_images_or_reasons(
+    items: Sequence[bytes | Image.Image],
+    encode: Callable[[list[Image.Image]], np.ndarray],
+    max_pixels: int,
+    batch: int,
+) -> list[np.ndarray | str]:
+    """Decode what needs decoding, encode in batches; a bad image yields its reason."""
+    results: list[np.ndarray | str] = []
+    images, where = [], []
+    for i, item in enumerate(items):
+        try:
+            img = item if isinstance(item, Image.Image) else decode_image(item, max_pixels)
+        except BadImage as exc:
+            results.append(str(exc))
+            continue
+        images.append(img)
+        where.append(i)
+        results.append("")
+    for start in range(0, len(images), batch):
+        vecs = encode(images[start : start + batch])
+        for j, vec in enumerate(vecs):
+            results[where[start + j]] = vec
+    return results
+
+
+class _Batched:
+    """Applies the configured batch limits to the ``@serve.batch`` method ``encode``."""
+
+    def _limits(self, max_batch_size: int, batch_wait_s: float) -> None:
         self.max_batch_size = max_batch_size
         self.encode.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.encode.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
-        log.info("%s loaded %s", type(self).__name__, self.encoder.model_version)
-
-    def info(self) -> dict[str, Any]:
-        return {"model_version": self.encoder.model_version, "dim": self.encoder.dim}
-
-    async def encode(self, items: list[Any]) -> list[Any]:  # replaced in subclasses
-        raise NotImplementedError
 
 
 @serve.deployment(name="TextEncoder")
-class TextEncoder(_EncoderBase):
+class TextEncoder(_Batched):
     """Texts -> joint-space vectors (L2-normalised)."""
+
+    def __init__(
+        self, model_spec: str, max_batch_size: int, batch_wait_s: float, torch_threads: int
+    ) -> None:
+        from imagine.models.dual_encoder import load_dual_encoder
+
+        _setup(torch_threads)
+        self.encoder = load_dual_encoder(model_spec)
+        self._limits(max_batch_size, batch_wait_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.encoder.model_version, "dim": self.encoder.dim}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def encode(self, requests: list[list[str]]) -> list[list[np.ndarray]]:
@@ -69,7 +102,7 @@ class TextEncoder(_EncoderBase):
 
 
 @serve.deployment(name="ImageEncoder")
-class ImageEncoder(_EncoderBase):
+class ImageEncoder(_Batched):
     """Encoded images -> joint-space vectors; an undecodable image gives its reason instead."""
 
     def __init__(
@@ -80,24 +113,110 @@ class ImageEncoder(_EncoderBase):
         torch_threads: int,
         max_pixels: int,
     ) -> None:
-        super().__init__(model_spec, max_batch_size, batch_wait_s, torch_threads)
+        from imagine.models.dual_encoder import load_dual_encoder
+
+        _setup(torch_threads)
+        self.encoder = load_dual_encoder(model_spec)
         self.max_pixels = max_pixels
+        self._limits(max_batch_size, batch_wait_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def encode(self, requests: list[list[bytes]]) -> list[list[np.ndarray | str]]:
-        blobs, sizes = _flatten(requests)
-        results: list[np.ndarray | str] = []
-        images, where = [], []
-        for i, blob in enumerate(blobs):
-            try:
-                images.append(decode_image(blob, self.max_pixels))
-                where.append(i)
-            except BadImage as exc:
-                results.append(str(exc))
-                continue
-            results.append("")
-        for start in range(0, len(images), self.max_batch_size):
-            vecs = self.encoder.encode_images(images[start : start + self.max_batch_size])
-            for j, vec in enumerate(vecs):
-                results[where[start + j]] = vec
-        return _split(results, sizes)
+        items, sizes = _flatten(requests)
+        out = encode_images_or_reasons(
+            items, self.encoder.encode_images, self.max_pixels, self.max_batch_size
+        )
+        return _split(out, sizes)
+
+
+@serve.deployment(name="VisionEncoder")
+class VisionEncoder(_Batched):
+    """Images (encoded bytes or generated PIL images) -> vision-only vectors."""
+
+    def __init__(
+        self,
+        model_spec: str,
+        max_batch_size: int,
+        batch_wait_s: float,
+        torch_threads: int,
+        max_pixels: int,
+    ) -> None:
+        from imagine.models.vision import load_vision_encoder
+
+        _setup(torch_threads)
+        self.encoder = load_vision_encoder(model_spec)
+        self.max_pixels = max_pixels
+        self._limits(max_batch_size, batch_wait_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.encoder.model_version, "dim": self.encoder.dim}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def encode(
+        self, requests: list[list[bytes | Image.Image]]
+    ) -> list[list[np.ndarray | str]]:
+        items, sizes = _flatten(requests)
+        out = encode_images_or_reasons(
+            items, self.encoder.encode_images, self.max_pixels, self.max_batch_size
+        )
+        return _split(out, sizes)
+
+
+# (prompt, num_images, steps, guidance, seed)
+GenerateCall = tuple[str, int, int, float, int]
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """Prompts -> K generated images each. Concurrent queries with the same sampling settings
+    share one denoising loop; each query's images depend only on its own prompt and seed."""
+
+    def __init__(
+        self, model_spec: str, max_batch_size: int, batch_wait_s: float, torch_threads: int
+    ) -> None:
+        from imagine.models.generator import load_generator
+
+        _setup(torch_threads)
+        self.generator = load_generator(model_spec)
+        self.generate.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.generate.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+        self.batch_sizes: list[int] = []
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.generator.model_version, "batches": self.batch_sizes[-100:]}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
+        self.batch_sizes.append(len(calls))
+        groups: dict[tuple[int, int, float, int], list[int]] = {}
+        for i, (_, k, steps, guidance, seed) in enumerate(calls):
+            groups.setdefault((k, steps, guidance, seed), []).append(i)
+        out: list[list[Image.Image]] = [[] for _ in calls]
+        for (k, steps, guidance, seed), idx in groups.items():
+            images = self.generator.generate(
+                [calls[i][0] for i in idx], num_images=k, steps=steps, guidance=guidance, seed=seed
+            )
+            for i, imgs in zip(idx, images, strict=True):
+                out[i] = imgs
+        return out
+
+
+@serve.deployment(name="Aggregator")
+class Aggregator:
+    """K generated-image embeddings -> one visual query (attention or mean), and the learned
+    fusion weight."""
+
+    def __init__(self, model_spec: str) -> None:
+        from imagine.models.aggregator import load_aggregator
+
+        _setup(1)
+        self.aggregator = load_aggregator(model_spec)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_version": self.aggregator.model_version,
+            "fusion_weight": float(self.aggregator.fusion_weight),
+        }
+
+    def aggregate(self, embeddings: np.ndarray, mode: str) -> np.ndarray:
+        return self.aggregator.aggregate(embeddings[None], mode=mode)[0]

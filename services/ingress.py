@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -22,6 +23,7 @@ from imagine.config import ServiceSettings
 from imagine.index import QdrantIndex
 from imagine.jobs import TASK_RUN_JOB, SqliteJobStore
 from imagine.queueing import broker_config
+from services.query import GenerativeInfo, QueryEngine, SamplingDefaults
 from services.servicers import Backend, add_all
 
 log = logging.getLogger("imagine.ingress")
@@ -30,15 +32,42 @@ log = logging.getLogger("imagine.ingress")
 class HandleEncoders:
     """The encoders, reached through their deployment handles."""
 
-    def __init__(self, text: DeploymentHandle, image: DeploymentHandle) -> None:
+    def __init__(
+        self, text: DeploymentHandle, image: DeploymentHandle, vision: DeploymentHandle | None
+    ) -> None:
         self._text = text
         self._image = image
+        self._vision = vision
 
     async def text(self, texts: list[str]) -> list[np.ndarray]:
         return await self._text.encode.remote(texts)
 
     async def images(self, images: list[bytes]) -> list[np.ndarray | str]:
         return await self._image.encode.remote(images)
+
+    async def visual(self, images: list[Any]) -> list[np.ndarray | str]:
+        if self._vision is None:
+            raise RuntimeError("no vision encoder is deployed")
+        return await self._vision.encode.remote(images)
+
+
+class HandleGenerative:
+    """The generator and the aggregator, reached through their deployment handles."""
+
+    def __init__(
+        self, generator: DeploymentHandle, aggregator: DeploymentHandle, info: GenerativeInfo
+    ) -> None:
+        self._generator = generator
+        self._aggregator = aggregator
+        self.info = info
+
+    async def generate(
+        self, prompt: str, k: int, steps: int, guidance: float, seed: int
+    ) -> list[Image.Image]:
+        return await self._generator.generate.remote((prompt, k, steps, guidance, seed))
+
+    async def aggregate(self, embeddings: np.ndarray, mode: str) -> np.ndarray:
+        return await self._aggregator.aggregate.remote(embeddings, mode)
 
 
 class CeleryQueue:
@@ -65,22 +94,51 @@ def open_index(settings: ServiceSettings) -> QdrantIndex:
 @serve.deployment(name="Ingress", num_replicas=1)
 class Ingress:
     async def __init__(  # type: ignore[misc]  # Serve supports async constructors
-        self, settings: dict[str, Any], text: DeploymentHandle, image: DeploymentHandle
+        self,
+        settings: dict[str, Any],
+        text: DeploymentHandle,
+        image: DeploymentHandle,
+        vision: DeploymentHandle | None = None,
+        generator: DeploymentHandle | None = None,
+        aggregator: DeploymentHandle | None = None,
     ) -> None:
         from imagine.runtime import setup_logging
 
         s = ServiceSettings.model_validate(settings)
         setup_logging(s.log_level)
         info = await text.info.remote()
+        version, vectors = info["model_version"], {"image": info["dim"]}
+        if vision is not None:
+            vinfo = await vision.info.remote()
+            version += "+" + vinfo["model_version"]
+            vectors["visual"] = vinfo["dim"]
+        generative = None
+        if generator is not None and aggregator is not None and vision is not None:
+            ginfo = await generator.info.remote()
+            ainfo = await aggregator.info.remote()
+            generative = HandleGenerative(
+                generator,
+                aggregator,
+                GenerativeInfo(
+                    ginfo["model_version"], ainfo["model_version"], ainfo["fusion_weight"]
+                ),
+            )
+        encoders = HandleEncoders(text, image, vision)
+        defaults = SamplingDefaults(s.default_num_generated, s.default_steps, s.default_guidance)
         self.index = open_index(s)
         self.backend = Backend(
-            encoders=HandleEncoders(text, image),
+            encoders=encoders,
             index=self.index,
             jobs=SqliteJobStore(s.jobs_path),
             queue=CeleryQueue(s),
-            model_version=info["model_version"],
-            dim=info["dim"],
+            model_version=version,
+            vectors=vectors,
             default_chunk_size=s.default_chunk_size,
+            engine=QueryEngine(
+                encoders, self.index, version, generative, defaults, s.query_cache_size
+            ),
+            generative=generative,
+            defaults=defaults,
         )
         # No SO_REUSEPORT: a second server on the same address must fail, not share it.
         self.server = grpc.aio.server(
@@ -103,8 +161,17 @@ class Ingress:
         self.address = s.grpc_address
         log.info("gRPC ingress listening on %s (model %s)", s.grpc_address, info["model_version"])
 
-    async def address_info(self) -> dict[str, str]:
-        return {"address": self.address, "model_version": self.backend.model_version}
+    async def address_info(self) -> dict[str, Any]:
+        gen = self.backend.generative
+        return {
+            "address": self.address,
+            "model_version": self.backend.model_version,
+            "generator": gen.info.generator_version if gen else "",
+            "fusion_weight": gen.info.fusion_weight if gen else 0.0,
+        }
+
+    async def cache_stats(self) -> dict[str, int]:
+        return self.backend.engine.cache.stats()
 
     async def check_health(self) -> None:
         """Serve's health check: fail when the gRPC server has stopped."""

@@ -12,21 +12,18 @@ import asyncio
 import functools
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
-import numpy as np
 from google.protobuf import json_format, struct_pb2
 
-from imagine.fusion import FusionError, resolve_weights
+from imagine.fusion import FusionError
 from imagine.index import (
     CollectionInfo,
     CollectionNotFound,
-    Hit,
     IndexUnavailable,
     ModelVersionMismatch,
     Point,
@@ -66,25 +63,25 @@ from protos.gen.imagine.v1 import (
 from protos.gen.imagine.v1 import (
     retrieval_service_pb2_grpc as ret_grpc,
 )
+from services.query import (
+    MAX_GENERATED,
+    MAX_GUIDANCE,
+    MAX_IMAGE_BYTES,
+    MAX_QUERY_CHARS,
+    MAX_STEPS,
+    BadRequest,
+    Encoders,
+    Generative,
+    QueryEngine,
+    SamplingDefaults,
+    png_bytes,
+)
 
 log = logging.getLogger("imagine.ingress")
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MAX_TOP_K = 10_000
-MAX_QUERY_CHARS = 1000
 MAX_BATCH = 256
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
 WATCH_POLL_S = 0.25
-
-
-class BadRequest(ValueError):
-    pass
-
-
-class Encoders(Protocol):
-    async def text(self, texts: list[str]) -> list[np.ndarray]: ...
-
-    async def images(self, images: list[bytes]) -> list[np.ndarray | str]: ...
 
 
 class JobQueue(Protocol):
@@ -97,14 +94,12 @@ class Backend:
     index: VectorIndex
     jobs: SqliteJobStore
     queue: JobQueue
-    model_version: str
-    dim: int
+    model_version: str  # of the stored vectors: the dual encoder (+ the vision encoder)
+    vectors: dict[str, int]  # named vectors a collection of this model holds
     default_chunk_size: int
-    local_sources_only: bool = False
-
-    @property
-    def vectors(self) -> dict[str, int]:
-        return {"image": self.dim}
+    engine: QueryEngine
+    generative: Generative | None = None
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 R = TypeVar("R")
@@ -169,50 +164,11 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
 
     @rpc
     async def Search(self, request: Any, context: Any) -> Any:
-        b = self.b
-        t0 = time.perf_counter()
         check_collection(request.collection)
-        top_k = request.top_k or 10
-        if top_k > MAX_TOP_K:
-            raise BadRequest(f"top_k {top_k} exceeds the limit of {MAX_TOP_K}")
-        if request.mode not in (ret_pb.SEARCH_MODE_UNSPECIFIED, ret_pb.SEARCH_MODE_TEXT):
-            raise ModelVersionMismatch(
-                f"model {b.model_version} has no diffusion generator: "
-                "generated and fused search need one; use SEARCH_MODE_TEXT"
-            )
-        kind = request.WhichOneof("query")
-        if kind == "text":
-            text = request.text.strip()
-            if not text:
-                raise BadRequest("query text is empty")
-            if len(text) > MAX_QUERY_CHARS:
-                raise BadRequest(f"query text exceeds the limit of {MAX_QUERY_CHARS} characters")
-            path = "text"
-            (vec,) = await b.encoders.text([text])
-        elif kind == "image":
-            if len(request.image) > MAX_IMAGE_BYTES:
-                raise BadRequest(f"query image exceeds the limit of {MAX_IMAGE_BYTES} bytes")
-            path = "image"
-            (res,) = await b.encoders.images([request.image])
-            if isinstance(res, str):
-                raise BadRequest(f"query image: {res}")
-            vec = res
-        else:
-            raise BadRequest("set a query: text or image")
-        t1 = time.perf_counter()
-        info = await asyncio.to_thread(b.index.describe, request.collection)
-        _check_version(info, b.model_version)
-        weights = resolve_weights({path}, {path: 1.0}, dict(request.path_weights))
-        hits: list[Hit] = await asyncio.to_thread(
-            b.index.search,
-            request.collection,
-            {path: vec},
-            weights,
-            top_k,
-            dict(request.filter),
+        hits, weights, timings, pngs, cache_hit = await self.b.engine.search(request)
+        resp = ret_pb.SearchResponse(
+            model_version=self.b.model_version, weights=weights, cache_hit=cache_hit
         )
-        t2 = time.perf_counter()
-        resp = ret_pb.SearchResponse(model_version=b.model_version)
         for h in hits:
             resp.hits.append(
                 ret_pb.SearchHit(
@@ -224,16 +180,9 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
                 )
             )
         if request.explain:
-            resp.timings_ms.update({"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3})
+            resp.timings_ms.update(timings)
+            resp.generated_images.extend(pngs)
         return resp
-
-
-def _check_version(info: CollectionInfo, model_version: str) -> None:
-    if info.model_version != model_version:
-        raise ModelVersionMismatch(
-            f"collection {info.name!r} was filled by model {info.model_version}; "
-            f"this service runs {model_version}"
-        )
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -260,12 +209,17 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
     async def EncodeImage(self, request: Any, context: Any) -> Any:
         images = list(request.images)
         _check_batch(len(images), "images")
-        if request.vector not in ("", "image"):
-            raise BadRequest(f"unknown image vector {request.vector!r}; this model has: image")
+        vector = request.vector or "image"
+        if vector not in self.b.vectors:
+            known = ", ".join(sorted(self.b.vectors))
+            raise BadRequest(f"unknown image vector {request.vector!r}; this model has: {known}")
         for i, img in enumerate(images):
             if len(img) > MAX_IMAGE_BYTES:
                 raise BadRequest(f"images[{i}] exceeds the limit of {MAX_IMAGE_BYTES} bytes")
-        results = await self.b.encoders.images(images)
+        if vector == "visual":
+            results = await self.b.encoders.visual(images)
+        else:
+            results = await self.b.encoders.images(images)
         resp = mod_pb.EncodeImageResponse(model_version=self.b.model_version)
         for r in results:
             if isinstance(r, str):
@@ -275,6 +229,29 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
                 resp.embeddings.append(common_pb2.Vector(values=r.tolist()))
                 resp.errors.append("")
         return resp
+
+    @rpc
+    async def Generate(self, request: Any, context: Any) -> Any:
+        gen = self.b.generative
+        if gen is None:
+            raise ModelVersionMismatch("this service runs no diffusion generator")
+        prompt = request.prompt.strip()
+        if not prompt:
+            raise BadRequest("prompt is empty")
+        if len(prompt) > MAX_QUERY_CHARS:
+            raise BadRequest(f"prompt exceeds the limit of {MAX_QUERY_CHARS} characters")
+        d = self.b.defaults
+        k = request.num_images or d.num_generated
+        steps = request.steps or d.steps
+        guidance = request.guidance or d.guidance
+        if not 1 <= k <= MAX_GENERATED or not 1 <= steps <= MAX_STEPS:
+            raise BadRequest(f"num_images must be 1..{MAX_GENERATED} and steps 1..{MAX_STEPS}")
+        if not 0 < guidance <= MAX_GUIDANCE:
+            raise BadRequest(f"guidance {guidance} is outside (0, {MAX_GUIDANCE}]")
+        images = await gen.generate(prompt, k, steps, float(guidance), int(request.seed))
+        return mod_pb.GenerateResponse(
+            images=[png_bytes(i) for i in images], model_version=gen.info.generator_version
+        )
 
 
 def _check_batch(n: int, what: str) -> None:

@@ -34,7 +34,9 @@ class Encoder(Protocol):
 
     model_version: str
 
-    def encode_images(self, images: list[bytes]) -> list[list[float] | str]: ...
+    def encode_images(self, images: list[bytes]) -> list[dict[str, list[float]] | str]:
+        """Per image: its named vectors, or the reason it could not be encoded."""
+        ...
 
 
 @dataclass
@@ -133,7 +135,7 @@ def run_chunk(ctx: IngestContext, job_id: str, chunk_no: int, items: Sequence[It
             points.append(
                 Point(
                     id=ids[key],
-                    vectors={"image": vec},
+                    vectors=dict(vec),
                     payload=_payload(job, uris[key], key, etag, label, len(blob)),
                 )
             )

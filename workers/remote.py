@@ -44,13 +44,41 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 class GrpcEncoder:
+    """Every named image vector the served model has (``image``, and ``visual`` if present)."""
+
     def __init__(self, client: ImagineClient) -> None:
         self.client = client
         _, self.model_version = call(client.encode_text, ["probe"])
+        self.vectors = ["image"]
+        try:
+            call(client.encode_images, [_probe_png()], "visual")
+            self.vectors.append("visual")
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
+                raise
 
-    def encode_images(self, images: list[bytes]) -> list[list[float] | str]:
-        vectors, _ = call(self.client.encode_images, images)
-        return vectors
+    def encode_images(self, images: list[bytes]) -> list[dict[str, list[float]] | str]:
+        per_vector = {
+            name: call(self.client.encode_images, images, name)[0] for name in self.vectors
+        }
+        out: list[dict[str, list[float]] | str] = []
+        for i in range(len(images)):
+            first = per_vector["image"][i]
+            if isinstance(first, str):
+                out.append(first)
+            else:
+                out.append({name: per_vector[name][i] for name in self.vectors})  # type: ignore[misc]
+        return out
+
+
+def _probe_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class RemoteIndex:

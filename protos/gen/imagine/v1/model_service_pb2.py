@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.gen.imagine.v1 import common_pb2 as imagine_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eimagine/v1/model_service.proto\x12\nimagine.v1\x1a\x17imagine/v1/common.proto\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"S\n\x12\x45ncodeTextResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"4\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06vector\x18\x02 \x01(\t\"d\n\x13\x45ncodeImageResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t2\xab\x01\n\x0cModelService\x12K\n\nEncodeText\x12\x1d.imagine.v1.EncodeTextRequest\x1a\x1e.imagine.v1.EncodeTextResponse\x12N\n\x0b\x45ncodeImage\x12\x1e.imagine.v1.EncodeImageRequest\x1a\x1f.imagine.v1.EncodeImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eimagine/v1/model_service.proto\x12\nimagine.v1\x1a\x17imagine/v1/common.proto\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"S\n\x12\x45ncodeTextResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"4\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06vector\x18\x02 \x01(\t\"d\n\x13\x45ncodeImageResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"d\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nnum_images\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"9\n\x10GenerateResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\xf2\x01\n\x0cModelService\x12K\n\nEncodeText\x12\x1d.imagine.v1.EncodeTextRequest\x1a\x1e.imagine.v1.EncodeTextResponse\x12N\n\x0b\x45ncodeImage\x12\x1e.imagine.v1.EncodeImageRequest\x1a\x1f.imagine.v1.EncodeImageResponse\x12\x45\n\x08Generate\x12\x1b.imagine.v1.GenerateRequest\x1a\x1c.imagine.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEIMAGEREQUEST']._serialized_end=244
   _globals['_ENCODEIMAGERESPONSE']._serialized_start=246
   _globals['_ENCODEIMAGERESPONSE']._serialized_end=346
-  _globals['_MODELSERVICE']._serialized_start=349
-  _globals['_MODELSERVICE']._serialized_end=520
+  _globals['_GENERATEREQUEST']._serialized_start=348
+  _globals['_GENERATEREQUEST']._serialized_end=448
+  _globals['_GENERATERESPONSE']._serialized_start=450
+  _globals['_GENERATERESPONSE']._serialized_end=507
+  _globals['_MODELSERVICE']._serialized_start=510
+  _globals['_MODELSERVICE']._serialized_end=752
 # @@protoc_insertion_point(module_scope)

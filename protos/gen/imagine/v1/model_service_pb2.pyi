@@ -38,3 +38,25 @@ class EncodeImageResponse(_message.Message):
     model_version: str
     errors: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, embeddings: _Optional[_Iterable[_Union[_common_pb2.Vector, _Mapping]]] = ..., model_version: _Optional[str] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "num_images", "steps", "guidance", "seed")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    num_images: int
+    steps: int
+    guidance: float
+    seed: int
+    def __init__(self, prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("images", "model_version")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    model_version: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., model_version: _Optional[str] = ...) -> None: ...

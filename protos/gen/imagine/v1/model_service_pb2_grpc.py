@@ -45,6 +45,11 @@ class ModelServiceStub:
                 request_serializer=imagine_dot_v1_dot_model__service__pb2.EncodeImageRequest.SerializeToString,
                 response_deserializer=imagine_dot_v1_dot_model__service__pb2.EncodeImageResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/imagine.v1.ModelService/Generate',
+                request_serializer=imagine_dot_v1_dot_model__service__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_model__service__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -63,6 +68,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Text -> K generated images (diffusion), deterministic for a seed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.EncodeImage,
                     request_deserializer=imagine_dot_v1_dot_model__service__pb2.EncodeImageRequest.FromString,
                     response_serializer=imagine_dot_v1_dot_model__service__pb2.EncodeImageResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=imagine_dot_v1_dot_model__service__pb2.GenerateRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_model__service__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class ModelService:
             '/imagine.v1.ModelService/EncodeImage',
             imagine_dot_v1_dot_model__service__pb2.EncodeImageRequest.SerializeToString,
             imagine_dot_v1_dot_model__service__pb2.EncodeImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.ModelService/Generate',
+            imagine_dot_v1_dot_model__service__pb2.GenerateRequest.SerializeToString,
+            imagine_dot_v1_dot_model__service__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

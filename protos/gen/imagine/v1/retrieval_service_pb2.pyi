@@ -14,13 +14,22 @@ class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEARCH_MODE_TEXT: _ClassVar[SearchMode]
     SEARCH_MODE_GENERATED: _ClassVar[SearchMode]
     SEARCH_MODE_FUSED: _ClassVar[SearchMode]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    AGGREGATION_ATTENTION: _ClassVar[Aggregation]
+    AGGREGATION_MEAN: _ClassVar[Aggregation]
 SEARCH_MODE_UNSPECIFIED: SearchMode
 SEARCH_MODE_TEXT: SearchMode
 SEARCH_MODE_GENERATED: SearchMode
 SEARCH_MODE_FUSED: SearchMode
+AGGREGATION_UNSPECIFIED: Aggregation
+AGGREGATION_ATTENTION: Aggregation
+AGGREGATION_MEAN: Aggregation
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "text", "image", "top_k", "filter", "mode", "path_weights", "num_generated", "steps", "guidance", "seed", "explain")
+    __slots__ = ("collection", "text", "image", "top_k", "filter", "mode", "path_weights", "num_generated", "steps", "guidance", "seed", "explain", "aggregation")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +56,7 @@ class SearchRequest(_message.Message):
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     collection: str
     text: str
     image: bytes
@@ -59,7 +69,8 @@ class SearchRequest(_message.Message):
     guidance: float
     seed: int
     explain: bool
-    def __init__(self, collection: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., path_weights: _Optional[_Mapping[str, float]] = ..., num_generated: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
+    aggregation: Aggregation
+    def __init__(self, collection: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., path_weights: _Optional[_Mapping[str, float]] = ..., num_generated: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., explain: _Optional[bool] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "path_scores", "uri", "payload")
@@ -83,8 +94,15 @@ class SearchHit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., path_scores: _Optional[_Mapping[str, float]] = ..., uri: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "timings_ms")
+    __slots__ = ("hits", "model_version", "timings_ms", "generated_images", "weights", "cache_hit")
     class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -94,7 +112,13 @@ class SearchResponse(_message.Message):
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     model_version: str
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    generated_images: _containers.RepeatedScalarFieldContainer[bytes]
+    weights: _containers.ScalarMap[str, float]
+    cache_hit: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., generated_images: _Optional[_Iterable[bytes]] = ..., weights: _Optional[_Mapping[str, float]] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
