@@ -9,7 +9,6 @@ imagine demo                       # the whole thing on Fashion-MNIST
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -199,14 +198,10 @@ def cmd_collections(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from imagine.demo import evaluate_over_grpc
+    from imagine.demo import evaluate_paths
 
     with _client(args) as c:
-        report = evaluate_over_grpc(c, args.collection)
-    print(report.table(f"category retrieval over gRPC, collection {args.collection}"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
-        print(f"wrote {args.json}")
+        evaluate_paths(c, args.collection, Path(args.out), text_only=args.text_only)
     return 0
 
 
@@ -272,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="category mAP and P@10 of a labelled collection over gRPC")
     s.add_argument("--collection", required=True)
-    s.add_argument("--json", help="also write the report to this JSON file")
+    s.add_argument("--out", default="eval", help="folder for eval.json, the chart and sheets")
+    s.add_argument("--text-only", action="store_true", help="only the text-image path")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="ingest Fashion-MNIST, search it, evaluate (embedded profile)")

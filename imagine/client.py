@@ -28,7 +28,13 @@ TERMINAL_STATES = {
     ing_pb.JOB_STATE_FAILED,
     ing_pb.JOB_STATE_CANCELLED,
 }
+AGGREGATIONS = {
+    "": ret_pb.AGGREGATION_UNSPECIFIED,
+    "attention": ret_pb.AGGREGATION_ATTENTION,
+    "mean": ret_pb.AGGREGATION_MEAN,
+}
 MODES = {
+    "": ret_pb.SEARCH_MODE_UNSPECIFIED,
     "text": ret_pb.SEARCH_MODE_TEXT,
     "generated": ret_pb.SEARCH_MODE_GENERATED,
     "fused": ret_pb.SEARCH_MODE_FUSED,
@@ -73,10 +79,14 @@ class ImagineClient:
         image: bytes | None = None,
         top_k: int = 10,
         filters: dict[str, str] | None = None,
-        mode: str = "text",
+        mode: str = "",
+        aggregation: str = "",
+        weights: dict[str, float] | None = None,
         explain: bool = False,
         **extra: Any,
     ) -> Any:
+        """``mode``: "" (the server's default: fused when it has a generator), "text",
+        "generated" or "fused"; ``extra``: num_generated, steps, guidance, seed."""
         if (text is None) == (image is None):
             raise ValueError("give exactly one of text or image")
         req = ret_pb.SearchRequest(
@@ -84,6 +94,8 @@ class ImagineClient:
             top_k=top_k,
             filter=filters or {},
             mode=MODES[mode],
+            aggregation=AGGREGATIONS[aggregation],
+            path_weights=weights or {},
             explain=explain,
             **extra,
         )
@@ -151,6 +163,18 @@ class ImagineClient:
     def encode_text(self, texts: list[str]) -> tuple[list[list[float]], str]:
         resp = self.models.EncodeText(mod_pb.EncodeTextRequest(texts=texts), timeout=self.timeout_s)
         return [list(v.values) for v in resp.embeddings], resp.model_version
+
+    def generate(
+        self, prompt: str, num_images: int = 0, steps: int = 0, guidance: float = 0.0, seed: int = 0
+    ) -> tuple[list[bytes], str]:
+        """PNGs of images generated from ``prompt`` (0 means the server default)."""
+        resp = self.models.Generate(
+            mod_pb.GenerateRequest(
+                prompt=prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed
+            ),
+            timeout=self.timeout_s,
+        )
+        return list(resp.images), resp.model_version
 
     def encode_images(
         self, images: list[bytes], vector: str = "image"

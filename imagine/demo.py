@@ -9,7 +9,7 @@ and prints category mAP and precision@10. It stops every process it started.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import signal
 import subprocess
@@ -39,8 +39,20 @@ def fashion_queries() -> dict[str, str]:
     return {c: class_query(i) for i, c in enumerate(FASHION_MNIST_CLASSES)}
 
 
+# Retrieval paths compared by `imagine eval`: name -> search options.
+EVAL_PATHS: dict[str, dict[str, Any]] = {
+    "text": {"mode": "text"},
+    "generated (mean)": {"mode": "generated", "aggregation": "mean"},
+    "generated (attention)": {"mode": "generated", "aggregation": "attention"},
+    "fused": {"mode": "fused"},
+}
+
+
 def evaluate_over_grpc(
-    client: Any, collection: str, queries: dict[str, str] | None = None
+    client: Any,
+    collection: str,
+    queries: dict[str, str] | None = None,
+    **search_options: Any,
 ) -> CategoryReport:
     """Category AP per query over the whole collection, from the service's own rankings."""
     queries = queries or fashion_queries()
@@ -48,12 +60,48 @@ def evaluate_over_grpc(
     rankings: dict[str, list[str]] = {}
     labels: dict[str, str] = {}
     for label, text in queries.items():
-        resp = client.search(text, collection=collection, top_k=max(1, min(size, 10_000)))
+        resp = client.search(
+            text, collection=collection, top_k=max(1, min(size, 10_000)), **search_options
+        )
         rankings[label] = [h.id for h in resp.hits]
         for h in resp.hits:
             fields = h.payload.fields
             labels[h.id] = fields["label"].string_value if "label" in fields else ""
     return report_from_rankings(rankings, labels)
+
+
+def evaluate_paths(
+    client: Any, collection: str, out_dir: Path, text_only: bool = False
+) -> dict[str, CategoryReport]:
+    """Every retrieval path the server offers: a table, ``eval.json``, ``eval.png`` and a
+    contact sheet of generated images per class."""
+    import grpc
+
+    from imagine.reports import bar_chart, comparison_table, write_json
+
+    reports: dict[str, CategoryReport] = {}
+    for name, options in EVAL_PATHS.items():
+        if text_only and name != "text":
+            break
+        try:
+            reports[name] = evaluate_over_grpc(client, collection, **options)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+                raise
+            print(f"    (only the text path: {exc.details()})")  # type: ignore[attr-defined]
+            break
+    print(comparison_table(reports))
+    json_path = write_json(reports, out_dir / "eval.json", collection=collection)
+    chart = bar_chart(reports, out_dir / "eval.png", f"category retrieval, {collection}")
+    print(f"    wrote {json_path} and {chart}")
+    if len(reports) > 1:
+        rows = []
+        for label, text in fashion_queries().items():
+            pngs, _ = client.generate(text, num_images=8)
+            rows.append((text, [(Image.open(io.BytesIO(p)), label) for p in pngs]))
+        sheet = contact_sheet(rows, out_dir / "generated_sheet.png")
+        print(f"    generated images per class: {sheet}")
+    return reports
 
 
 def start_services(env: dict[str, str], log_path: Path, timeout_s: float = 600) -> Any:
@@ -107,6 +155,18 @@ def ensure_checkpoint(model_spec: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def _server_fuses(client: Any, collection: str) -> bool:
+    import grpc
+
+    try:
+        client.search("probe", collection=collection, top_k=1, mode="fused")
+        return True
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+            return False
+        raise
+
+
 def run_demo(limit: int | None = None, keep_running: bool = False) -> int:
     from imagine.cli import watch_with_progress
     from imagine.client import ImagineClient, state_name
@@ -138,29 +198,31 @@ def run_demo(limit: int | None = None, keep_running: bool = False) -> int:
                     f"{job.failed} failed; collection holds "
                     f"{c.describe_collection(collection).points_count} points"
                 )
-            print("5/6 search: text queries over gRPC")
+            fused = _server_fuses(c, collection)
+            print("5/6 search: text queries over gRPC" + (", text-only | fused" if fused else ""))
             rows = []
             for text in DEMO_QUERIES:
-                resp = c.search(text, collection=collection, top_k=8)
+                modes = ["text", "fused"] if fused else ["text"]
+                results = {m: c.search(text, collection=collection, top_k=8, mode=m) for m in modes}
                 print(f"    {text!r}")
-                hits = []
-                for rank, h in enumerate(resp.hits, 1):
-                    label = h.payload.fields["label"].string_value
-                    if rank <= 5:
-                        print(f"      {rank}. {h.score:.3f}  {label:<12} {h.uri}")
-                    key = h.payload.fields["key"].string_value
-                    with Image.open(gallery / key) as img:
-                        hits.append((img.copy(), label))
-                rows.append((text, hits))
+                for rank in range(5):
+                    cells = []
+                    for m in modes:
+                        h = results[m].hits[rank]
+                        label = h.payload.fields["label"].string_value
+                        cells.append(f"{h.score:.3f} {label:<11} {h.uri.rsplit('/', 1)[-1]}")
+                    print(f"      {rank + 1}. " + "  |  ".join(cells))
+                for m in modes:
+                    hits = []
+                    for h in results[m].hits:
+                        key = h.payload.fields["key"].string_value
+                        with Image.open(gallery / key) as img:
+                            hits.append((img.copy(), h.payload.fields["label"].string_value))
+                    rows.append((f"[{m}] {text}", hits))
             sheet = contact_sheet(rows, out_dir / "contact_sheet.png")
             print(f"    contact sheet: {sheet}")
-            print("6/6 evaluation: one query per class over the whole gallery")
-            report = evaluate_over_grpc(c, collection)
-            print(report.table("category retrieval (text -> image, over gRPC)"))
-            (out_dir / "eval.json").write_text(
-                json.dumps({"collection": collection, **report.as_dict()}, indent=2)
-            )
-            print(f"    report: {out_dir / 'eval.json'}")
+            print("6/6 evaluation: one query per class over the whole gallery, per path")
+            evaluate_paths(c, collection, out_dir)
         if keep_running:
             print(f"services left running (pid {proc.pid}); stop with: kill {proc.pid}")
             return 0

@@ -52,12 +52,14 @@ def test_demo_ingests_searches_evaluates_and_cleans_up(tmp_path: Path) -> None:
     assert f"0 embedded, {LIMIT} skipped (unchanged), 0 failed" in out
     assert out.count(f"collection holds {LIMIT} points") == 2
     assert "'a photo of a sneaker'" in out and "1. " in out
-    mean = re.search(r"^mean\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
-    assert mean, out[-2000:]
-    map_, p10 = float(mean.group(1)), float(mean.group(2))
+    map_row = re.search(r"^mAP\s+([0-9.]+)", out, re.M)  # the first column is the text path
+    p10_row = re.search(r"^P@10\s+([0-9.]+)", out, re.M)
+    assert map_row and p10_row, out[-2000:]
+    map_, p10 = float(map_row.group(1)), float(p10_row.group(1))
     assert map_ > 0.7 and p10 > 0.7, (map_, p10)
     assert (data_dir / "demo" / "contact_sheet.png").stat().st_size > 10_000
     assert (data_dir / "demo" / "eval.json").is_file()
+    assert (data_dir / "demo" / "eval.png").stat().st_size > 5_000
     deadline = time.monotonic() + 30
     while processes_with(str(data_dir)) and time.monotonic() < deadline:
         time.sleep(1)
