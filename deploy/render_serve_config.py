@@ -1,14 +1,16 @@
 """Generate the RayService ``serveConfigV2`` of each overlay from the Serve application itself.
 
-    python deploy/render_serve_config.py            # rewrite deploy/k8s/overlays/*/serve-config.yaml
-    python deploy/render_serve_config.py --check    # exit 1 when a committed file is stale
+    python deploy/render_serve_config.py          # rewrite deploy/k8s/overlays/*/serve-config.yaml
+    python deploy/render_serve_config.py --check  # exit 1 when a committed file is stale
 
 The application is built by the builder named in ``IMPORT_PATH`` (the Ray Serve "application
-builder" pattern: a function of the config's ``args``). Its deployments are listed from the built
-application, so a deployment added, renamed or removed in ``services/`` makes the committed config
-stale and ``tests/unit/test_deploy.py`` fails until this script is re-run. What differs per
-overlay — replicas, autoscaling, CPUs/GPUs per replica, batch sizes (``args``: ServiceSettings
-fields) — lives in ``PROFILES`` below, not in decorators.
+builder" pattern: a function of the config's ``args``), with the models the overlay turns on
+(its ``models.env``, which the Ray pods get as environment). Its deployments are listed from the
+built application, so a deployment added, renamed or removed in ``services/``, or a generative
+model switched on or off in ``models.env``, makes the committed config stale and
+``tests/unit/test_deploy.py`` fails until this script is re-run. What differs per overlay —
+replicas, autoscaling, CPUs/GPUs per replica, batch sizes (``args``: ServiceSettings fields) —
+lives in ``PROFILES`` below, not in decorators.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
 OVERLAYS = DEPLOY / "k8s" / "overlays"
 OUTPUT_NAME = "serve-config.yaml"
+MODELS_NAME = "models.env"
 IMPORT_PATH = "services.app:app_from_env"
 APP_NAME = "imagine"
 RAYSERVICE_NAME = "imagine"
@@ -37,11 +40,14 @@ INGRESS_RESOURCE = "imagine_ingress"
 
 @dataclass(frozen=True)
 class Profile:
-    """The Serve settings of one overlay."""
+    """The Serve settings of one overlay: ``deployments`` covers every deployment the application
+    may have; only those it has with the overlay's models are written."""
 
     args: dict[str, Any]
     deployments: dict[str, dict[str, Any]]
-    logging: dict[str, Any] = field(default_factory=lambda: {"encoding": "TEXT", "log_level": "INFO"})
+    logging: dict[str, Any] = field(
+        default_factory=lambda: {"encoding": "TEXT", "log_level": "INFO"}
+    )
 
 
 _INGRESS = {
@@ -53,7 +59,13 @@ _INGRESS = {
 PROFILES: dict[str, Profile] = {
     # CPU only, everything small: fits a laptop kind/minikube cluster.
     "dev": Profile(
-        args={"encoder_batch_size": 32, "encoder_batch_wait_s": 0.01, "torch_threads": 1},
+        args={
+            "encoder_batch_size": 32,
+            "encoder_batch_wait_s": 0.01,
+            "generator_batch_size": 4,
+            "generator_batch_wait_s": 0.05,
+            "torch_threads": 1,
+        },
         deployments={
             "TextEncoder": {
                 "num_replicas": 1,
@@ -70,16 +82,38 @@ PROFILES: dict[str, Profile] = {
                 "max_ongoing_requests": 16,
                 "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
             },
+            "VisionEncoder": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 16,
+                "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+            },
+            "Generator": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 8,
+                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+            },
+            "Aggregator": {
+                "num_replicas": 1,
+                "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0},
+            },
             "Ingress": {
                 **_INGRESS,
                 "ray_actor_options": {"num_cpus": 0.5, "resources": {INGRESS_RESOURCE: 1}},
             },
         },
     ),
-    # GPU nodes: encoders share a GPU in quarters (about 1 GiB each, see the sizing table).
+    # GPU nodes (1 GPU, 8 CPUs per encoders pod, at most 6 pods): image and vision encoders take a
+    # quarter GPU, the generator half; at their maxima they fill 5 GPUs (see deploy/README.md).
     "gpu": Profile(
-        args={"encoder_batch_size": 128, "encoder_batch_wait_s": 0.005, "torch_threads": 2},
+        args={
+            "encoder_batch_size": 128,
+            "encoder_batch_wait_s": 0.005,
+            "generator_batch_size": 16,
+            "generator_batch_wait_s": 0.02,
+            "torch_threads": 2,
+        },
         deployments={
+            # One short sentence per query: the text tower is cheap enough on CPU.
             "TextEncoder": {
                 "num_replicas": "auto",
                 "autoscaling_config": {
@@ -88,19 +122,46 @@ PROFILES: dict[str, Profile] = {
                     "target_ongoing_requests": 8,
                 },
                 "max_ongoing_requests": 64,
-                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.25},
+                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
             },
             "ImageEncoder": {
                 "num_replicas": "auto",
                 "autoscaling_config": {
                     "min_replicas": 1,
-                    "max_replicas": 12,
+                    "max_replicas": 8,
                     "target_ongoing_requests": 4,
                     "upscale_delay_s": 10,
                     "downscale_delay_s": 300,
                 },
                 "max_ongoing_requests": 16,
                 "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.25},
+            },
+            "VisionEncoder": {
+                "num_replicas": "auto",
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 4,
+                    "target_ongoing_requests": 4,
+                },
+                "max_ongoing_requests": 16,
+                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.25},
+            },
+            # Diffusion is the heavy path: half a GPU per replica, batched across queries.
+            "Generator": {
+                "num_replicas": "auto",
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 4,
+                    "target_ongoing_requests": 8,
+                    "upscale_delay_s": 10,
+                    "downscale_delay_s": 600,
+                },
+                "max_ongoing_requests": 32,
+                "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5},
+            },
+            "Aggregator": {
+                "num_replicas": 1,
+                "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 0},
             },
             "Ingress": {
                 **_INGRESS,
@@ -123,6 +184,17 @@ def load_builder(import_path: str = IMPORT_PATH) -> Any:
         ) from None
 
 
+def read_models(overlay: str) -> dict[str, str]:
+    """The overlay's models.env as ServiceSettings fields: {"model": ..., "vision_model": ...}."""
+    out = {}
+    for line in (OVERLAYS / overlay / MODELS_NAME).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.removeprefix("IMAGINE_").lower()] = value.strip()
+    return out
+
+
 def deployment_names(args: dict[str, Any]) -> list[str]:
     """The deployments of the application the builder returns, in build order."""
     # `serve build` lists deployments the same way (ray.serve._private.build_app).
@@ -132,14 +204,20 @@ def deployment_names(args: dict[str, Any]) -> list[str]:
     return [d.name for d in build_app(app, name=APP_NAME).deployments]
 
 
+def known_deployments() -> set[str]:
+    """Every Serve deployment the services package defines."""
+    from ray import serve
+
+    from services import deployments, ingress
+
+    modules = (deployments, ingress)
+    return {d.name for m in modules for d in vars(m).values() if isinstance(d, serve.Deployment)}
+
+
 def serve_config(profile: Profile, names: list[str]) -> dict[str, Any]:
     missing = sorted(set(names) - set(profile.deployments))
-    unknown = sorted(set(profile.deployments) - set(names))
-    if missing or unknown:
-        raise SystemExit(
-            f"profile and application disagree: no settings for {missing}, "
-            f"settings for deployments the application does not have: {unknown}"
-        )
+    if missing:
+        raise SystemExit(f"the profile has no settings for the deployments {missing}")
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": 8000},
@@ -160,8 +238,11 @@ def serve_config(profile: Profile, names: list[str]) -> dict[str, Any]:
 def render(overlay: str, names: list[str] | None = None) -> str:
     """The RayService patch (with the serveConfigV2 string) committed in the overlay."""
     profile = PROFILES[overlay]
+    unknown = sorted(set(profile.deployments) - known_deployments())
+    if unknown:
+        raise SystemExit(f"the {overlay!r} profile names no deployment of services/: {unknown}")
     if names is None:
-        names = deployment_names(profile.args)
+        names = deployment_names({**read_models(overlay), **profile.args})
     body = yaml.safe_dump(serve_config(profile, names), sort_keys=False, width=100)
     indented = "".join(f"    {line}" if line.strip() else line for line in body.splitlines(True))
     return (

@@ -30,9 +30,12 @@ def build_app(settings: ServiceSettings) -> Any:
     Aggregator: Any = deployments.Aggregator
     Ingress: Any = ingress.Ingress
 
+    # Serve queues at most max_ongoing_requests per replica (5 by default): let enough
+    # concurrent requests in for @serve.batch to fill its batches.
     replicas = {
         "num_replicas": settings.encoder_replicas,
         "ray_actor_options": {"num_cpus": settings.encoder_num_cpus},
+        "max_ongoing_requests": 4 * settings.encoder_batch_size,
     }
     common = (settings.model, settings.encoder_batch_size, settings.encoder_batch_wait_s)
     text = TextEncoder.options(**replicas).bind(*common, settings.torch_threads)
@@ -46,15 +49,17 @@ def build_app(settings: ServiceSettings) -> Any:
             specs["vision"], *common[1:], settings.torch_threads, DEFAULT_MAX_PIXELS
         )
     if len(specs) == 3:
-        generator = Generator.options(**replicas).bind(
+        generator = Generator.options(
+            **replicas | {"max_ongoing_requests": 2 * settings.generator_batch_size}
+        ).bind(
             specs["generator"],
             settings.generator_batch_size,
             settings.generator_batch_wait_s,
             settings.torch_threads,
         )
-        aggregator = Aggregator.options(ray_actor_options={"num_cpus": 0.1}).bind(
-            specs["aggregator"]
-        )
+        aggregator = Aggregator.options(
+            ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64
+        ).bind(specs["aggregator"])
     front = Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus})
     return front.bind(settings.model_dump(mode="json"), text, image, vision, generator, aggregator)
 
@@ -93,7 +98,7 @@ def stop() -> None:
             ray.shutdown()
 
 
-def app_from_env(args: dict[str, str] | None = None) -> Any:
+def app_from_env(args: dict[str, Any] | None = None) -> Any:
     """Serve application builder (``services.app:app_from_env``) for ``serve run`` and KubeRay's
     RayService: settings come from the ``IMAGINE_*`` environment; ``args`` override fields."""
     from imagine.config import load_service_settings

@@ -6,9 +6,10 @@ Used inside the cluster images (the script is copied to ``/app/deploy/scripts``)
   ``s3://bucket/prefix``. The RayJob uses it to upload a trained checkpoint; an operator uses it
   to upload a gallery.
 - ``fetch-model --from s3://imagine-checkpoints --models-dir /models``: the init container of the
-  Ray pods. If ``IMAGINE_MODEL`` is ``local-dir:/models/NAME`` and that folder holds no
-  checkpoint yet, copy ``<from>/NAME`` there. A model baked into the image (any other path) needs
-  nothing.
+  Ray pods. For each model spec the services load (``IMAGINE_MODEL``, ``IMAGINE_VISION_MODEL``,
+  ``IMAGINE_GENERATOR_MODEL``, ``IMAGINE_AGGREGATOR_MODEL``) that is ``local-dir:/models/NAME``
+  and whose folder holds no checkpoint yet, copy ``<from>/NAME`` there. A model baked into the
+  image (any other path) or switched off (empty) needs nothing.
 
 S3 credentials come from the same settings the services read (``IMAGINE_STORAGE__*``).
 Objects are read whole into memory: fine for the checkpoints and images used today.
@@ -76,7 +77,7 @@ def fetch_model(model_spec: str, models_dir: Path, source: str, storage: Storage
     return f"fetched {n} files from {src} to {path}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s3sync", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cp = sub.add_parser("copy", help="copy every object from SRC to DST (folders or s3://)")
@@ -86,14 +87,24 @@ def main(argv: list[str] | None = None) -> int:
     fm = sub.add_parser("fetch-model", help="fill local-dir:/models/NAME from the checkpoint store")
     fm.add_argument("--from", dest="source", required=True, help="e.g. s3://imagine-checkpoints")
     fm.add_argument("--models-dir", type=Path, default=Path("/models"))
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     settings = load_service_settings()
     if args.command == "copy":
         n = copy_tree(args.src, args.dst, settings.storage, args.create_bucket)
         print(f"copied {n} objects from {args.src} to {args.dst}")
     else:
-        print(fetch_model(settings.model, args.models_dir, args.source, settings.storage))
+        specs = [
+            settings.model,
+            settings.vision_model,
+            settings.generator_model,
+            settings.aggregator_model,
+        ]
+        for spec in filter(None, specs):
+            print(fetch_model(spec, args.models_dir, args.source, settings.storage))
     return 0
 
 

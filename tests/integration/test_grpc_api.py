@@ -223,11 +223,11 @@ def test_cli_ingest_search_and_jobs(stack: Stack, tmp_path: Path) -> None:
     folder = make_gallery(tmp_path / "g", 12)
     out = stack.cli("ingest", str(folder), "--collection", "cli")
     assert out.returncode == 0, out.stderr
-    assert "12 embedded, 0 skipped (unchanged), 0 failed of 12" in out.stdout
+    assert "12 embedded, 0 skipped (unchanged), 0 failed of 12" in out.stdout, out
     out = stack.cli("search", "a photo of a bag", "--collection", "cli", "--k", "4")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("4 hits") and out.stdout.count("file://") == 4
+    assert out.stdout.startswith("4 hits") and out.stdout.count("file://") == 4, out
     out = stack.cli("jobs", "--collection", "cli")
-    assert "SUCCEEDED" in out.stdout
+    assert "SUCCEEDED" in out.stdout, out
     out = stack.cli("search", "x", "--collection", "missing")
-    assert out.returncode == 2 and "NOT_FOUND" in out.stderr
+    assert out.returncode == 2 and "NOT_FOUND" in out.stderr, out
