@@ -86,7 +86,7 @@ class ServiceSettings(_Common):
     encoder_batch_wait_s: float = 0.005
     encoder_replicas: int = 1
     # Ray resources per replica (fractions share a core) and torch threads per encoder (0: all).
-    encoder_num_cpus: float = 0.5
+    encoder_num_cpus: float = 0.25
     ingress_num_cpus: float = 0.25
     torch_threads: int = 0
     ray_address: str | None = Field(default=None, description="None: start a local Ray")

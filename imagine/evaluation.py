@@ -86,3 +86,59 @@ def evaluate_category(
     qlabels = list(queries)
     text = enc.encode_text([queries[q] for q in qlabels])  # type: ignore[attr-defined]
     return report_from_scores(text @ feats.T, labels, qlabels)
+
+
+def evaluate_paths_in_process(
+    dual: object,
+    vision: object,
+    generator: object,
+    aggregator: object,
+    images: Sequence[Image.Image],
+    labels: Sequence[str],
+    queries: dict[str, str],
+    num_generated: int = 4,
+    steps: int = 20,
+    guidance: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> dict[str, CategoryReport]:
+    """Category reports of every path with no services around the models: text, generated
+    (mean and attention aggregator) and fused with the aggregator's learned weight."""
+    from imagine.fusion import fuse
+
+    m: dict[str, object] = {"dual": dual, "vision": vision, "gen": generator, "agg": aggregator}
+    ql = list(queries)
+
+    def encode(model: object, imgs: Sequence[Image.Image]) -> np.ndarray:
+        return np.concatenate(
+            [
+                model.encode_images(imgs[i : i + batch_size])  # type: ignore[attr-defined]
+                for i in range(0, len(imgs), batch_size)
+            ]
+        )
+
+    joint = encode(m["dual"], images)
+    visual = encode(m["vision"], images)
+    text = m["dual"].encode_text([queries[q] for q in ql]) @ joint.T  # type: ignore[attr-defined]
+    generated = m["gen"].generate(  # type: ignore[attr-defined]
+        [queries[q] for q in ql],
+        num_images=num_generated,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+    )
+    emb = np.stack([encode(m["vision"], imgs) for imgs in generated])  # (Q, K, D)
+    mean = emb.mean(axis=1)
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    attention = m["agg"].aggregate(emb)  # type: ignore[attr-defined]
+    lam = float(m["agg"].fusion_weight)  # type: ignore[attr-defined]
+    scores = {
+        "text": text,
+        "generated (mean)": mean @ visual.T,
+        "generated (attention)": attention @ visual.T,
+    }
+    scores["fused"] = fuse(
+        {"text": text, "generated": scores["generated (attention)"]},
+        {"text": 1 - lam, "generated": lam},
+    )
+    return {name: report_from_scores(s, labels, ql) for name, s in scores.items()}

@@ -219,4 +219,8 @@ class Aggregator:
         }
 
     def aggregate(self, embeddings: np.ndarray, mode: str) -> np.ndarray:
-        return self.aggregator.aggregate(embeddings[None], mode=mode)[0]
+        """``mode`` "attention" uses the trained aggregator, "mean" the normalised mean."""
+        if mode == "mean" or self.aggregator.mode == "mean":
+            mean = np.asarray(embeddings, dtype=np.float32).mean(axis=0)
+            return mean / max(float(np.linalg.norm(mean)), 1e-12)
+        return self.aggregator.aggregate(embeddings[None])[0]

@@ -88,7 +88,7 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
     n = len(data.pixels)
     bs = cfg["batch_size"]
     steps_per_epoch = max(1, n // bs)
-    total = steps_per_epoch * cfg["epochs"]
+    total = max(1, round(steps_per_epoch * cfg["epochs"]))
     warmup = min(100, total // 10)
 
     def lr_at(step: int) -> float:
