@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 QUERIES = [
     "a photo of a sneaker",
@@ -79,6 +80,69 @@ def in_process_queries(files: list[Path], model: str, rounds: int) -> list[float
     return times
 
 
+def server_fuses(client: Any) -> bool:
+    import grpc
+
+    try:
+        client.search("probe", collection="bench", top_k=1, mode="fused")
+        return True
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+            return False
+        raise
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def fused_benchmarks(client: Any, text_ms: list[float]) -> list[tuple[str, str, str]]:
+    """Fused latency cold (new seed each time) and cached, and concurrency throughput."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fused(text: str, seed: int) -> Any:
+        return client.search(text, collection="bench", top_k=10, mode="fused", seed=seed)
+
+    cold = [_timed(lambda i=i: fused(QUERIES[i % len(QUERIES)], 1000 + i)) for i in range(20)]
+    fused(QUERIES[0], 1)  # fill the cache
+    cached = [_timed(lambda: fused(QUERIES[0], 1)) for _ in range(100)]
+    text_p50 = percentile(text_ms, 50)
+    rows = [
+        (
+            "fused query over gRPC, cold (generate K=4)",
+            f"p50 {percentile(cold, 50):.0f} ms",
+            f"p95 {percentile(cold, 95):.0f} ms",
+        ),
+        (
+            "fused query over gRPC, cached",
+            f"p50 {percentile(cached, 50):.1f} ms",
+            f"p95 {percentile(cached, 95):.1f} ms; {percentile(cached, 50) / text_p50:.2f}x "
+            "text-only p50",
+        ),
+    ]
+    seed = 5000
+    sequential_ms = 0.0
+    for n in (1, 4, 16):
+        seed += 100
+        texts = [(QUERIES[i % len(QUERIES)], seed + i) for i in range(16)]
+        with ThreadPoolExecutor(n) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda a: fused(*a), texts))
+            wall = (time.perf_counter() - start) * 1e3
+        if n == 1:
+            sequential_ms = wall
+        rows.append(
+            (
+                f"16 cold fused queries, {n:>2} at a time",
+                f"{16 / (wall / 1e3):.2f} q/s",
+                f"{wall / 1e3:.1f} s; {sequential_ms / wall:.1f}x one after another",
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=10_000, help="gallery size")
@@ -119,16 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                 assert state_name(job.state) == "SUCCEEDED", job
                 rows.append((label, f"{ips:,.0f} img/s", f"{ips / limit_ips:.2f} of limit"))
             for q in QUERIES:  # warm-up
-                c.search(q, collection="bench", top_k=10)
+                c.search(q, collection="bench", top_k=10, mode="text")
             grpc_ms = []
             for r in range(ns.queries):
                 start = time.perf_counter()
-                c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10)
+                c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10, mode="text")
                 grpc_ms.append((time.perf_counter() - start) * 1e3)
+            fused_rows = fused_benchmarks(c, grpc_ms) if server_fuses(c) else []
     finally:
         stop_services(proc)
 
     rows.insert(0, ("ingest in-process limit (decode + encode)", f"{limit_ips:,.0f} img/s", "1.00"))
+    rows.extend(fused_rows)
     for name, ms in (
         ("query in-process (encode + search)", local_ms),
         ("query over gRPC", grpc_ms),

@@ -173,15 +173,25 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     with _client(args) as c:
         resp = c.search(
-            args.text, collection=args.collection, top_k=args.k, filters=_kv(args.filter)
+            args.text,
+            collection=args.collection,
+            top_k=args.k,
+            filters=_kv(args.filter),
+            mode=args.mode,
+            aggregation=args.aggregation,
+            num_generated=args.generated,
+            steps=args.steps,
+            seed=args.seed,
         )
     if args.json:
         print(json_format.MessageToJson(resp))
         return 0
-    print(f"{len(resp.hits)} hits (model {resp.model_version})")
+    weights = ", ".join(f"{p} {w:.2f}" for p, w in sorted(resp.weights.items()))
+    print(f"{len(resp.hits)} hits (model {resp.model_version}; weights {weights})")
     for rank, h in enumerate(resp.hits, 1):
         label = h.payload.fields["label"].string_value if "label" in h.payload.fields else ""
-        print(f"{rank:>3}. {h.score:.4f}  {label:<12}  {h.uri}")
+        paths = " ".join(f"{p}={s:.3f}" for p, s in sorted(h.path_scores.items()))
+        print(f"{rank:>3}. {h.score:.4f}  {label:<12}  {h.uri}  [{paths}]")
     return 0
 
 
@@ -258,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", required=True)
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--filter", action="append", metavar="KEY=VALUE")
+    s.add_argument(
+        "--mode", default="", choices=["", "text", "generated", "fused"], help="default: fused"
+    )
+    s.add_argument("--aggregation", default="", choices=["", "attention", "mean"])
+    s.add_argument("--generated", type=int, default=0, help="K generated images (0: default)")
+    s.add_argument("--steps", type=int, default=0, help="denoising steps (0: default)")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_search)
 

@@ -59,9 +59,9 @@ STAGES = {
         "fmnist-vision",
         3,
         256,
-        2e-3,
+        1e-3,
         "imagine.models.vision:load_vision_encoder",
-        {"objective": "auto", "views": 0, "temperature": 0.1, "min_crop_scale": 0.7},
+        {"objective": "auto", "temperature": 0.1, "min_crop_scale": 0.75},
     ),
     "generator": Stage(
         "trainer.generator_stage:generator_stage",

@@ -232,7 +232,10 @@ def load_vision_encoder(spec: str, device: str | None = None, seed: int = 0) -> 
         if not target or (sep and not (name and directory)):
             raise ModelLoadError(f"bad timm spec {spec!r}: expected 'timm:MODEL_NAME@/dir'")
         return load_timm_dir(directory, name or None, device)
-    parsed = ModelSpec.parse(spec)
+    try:
+        parsed = ModelSpec.parse(spec)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc}, or 'timm:MODEL_NAME@/dir'") from None
     if parsed.scheme == "config":
         config = get_model_config(parsed.target)
         if config.get("family") != FAMILY:
