@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -184,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = TorchTrainer(
         _symbol(stage.loop),
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        # Each worker gets its share of the cores: Ray sets a worker's torch/OMP threads from it.
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": max(1, (os.cpu_count() or 1) // num_workers)},
+        ),
         run_config=RunConfig(name=f"imagine-{name}", storage_path=str(work / "ray")),
     )
     result = trainer.fit()
