@@ -188,13 +188,17 @@ class Generator:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
         self.batch_sizes.append(len(calls))
-        groups: dict[tuple[int, int, float, int], list[int]] = {}
-        for i, (_, k, steps, guidance, seed) in enumerate(calls):
-            groups.setdefault((k, steps, guidance, seed), []).append(i)
+        groups: dict[tuple[int, int, float], list[int]] = {}
+        for i, (_, k, steps, guidance, _) in enumerate(calls):
+            groups.setdefault((k, steps, guidance), []).append(i)
         out: list[list[Image.Image]] = [[] for _ in calls]
-        for (k, steps, guidance, seed), idx in groups.items():
+        for (k, steps, guidance), idx in groups.items():
             images = self.generator.generate(
-                [calls[i][0] for i in idx], num_images=k, steps=steps, guidance=guidance, seed=seed
+                [calls[i][0] for i in idx],
+                num_images=k,
+                steps=steps,
+                guidance=guidance,
+                seed=[calls[i][4] for i in idx],  # each query keeps its own seed
             )
             for i, imgs in zip(idx, images, strict=True):
                 out[i] = imgs

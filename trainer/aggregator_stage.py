@@ -105,7 +105,7 @@ def aggregator_stage(cfg: dict[str, Any]) -> None:
         g_groups,
         text_scores,
         mode="attention",
-        epochs=cfg["epochs"],
+        epochs=int(cfg["epochs"]),
         lr=cfg["lr"],
         seed=cfg["seed"],
     )
