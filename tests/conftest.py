@@ -82,6 +82,10 @@ def start_stack(data_dir: Path, extra_env: dict[str, str] | None = None) -> Stac
         "IMAGINE_DATA_DIR": str(data_dir),
         "IMAGINE_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
         "IMAGINE_MODEL": TINY_MODEL,
+        # text-only unless a test asks for the generative path (tiny models)
+        "IMAGINE_VISION_MODEL": "",
+        "IMAGINE_GENERATOR_MODEL": "",
+        "IMAGINE_AGGREGATOR_MODEL": "",
         **(extra_env or {}),
     }
     address = env["IMAGINE_GRPC_ADDRESS"]

@@ -52,6 +52,11 @@ def test_demo_ingests_searches_evaluates_and_cleans_up(tmp_path: Path) -> None:
     assert f"0 embedded, {LIMIT} skipped (unchanged), 0 failed" in out
     assert out.count(f"collection holds {LIMIT} points") == 2
     assert "'a photo of a sneaker'" in out and "1. " in out
+    # the default models include the generative path: text-only and fused side by side
+    assert "text-only | fused" in out
+    assert re.search(
+        r"^class\s+text\s+generated \(mean\)\s+generated \(attention\)\s+fused$", out, re.M
+    )
     map_row = re.search(r"^mAP\s+([0-9.]+)", out, re.M)  # the first column is the text path
     p10_row = re.search(r"^P@10\s+([0-9.]+)", out, re.M)
     assert map_row and p10_row, out[-2000:]
