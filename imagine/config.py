@@ -73,7 +73,7 @@ class ServiceSettings(_Common):
     aggregator_model: str = Field(default=DEFAULT_AGGREGATOR, description="Aggregator + fusion")
     default_num_generated: int = 4
     default_steps: int = 20
-    default_guidance: float = 3.0
+    default_guidance: float = 2.0  # measured: generated-only mAP 0.84 at 2.0, 0.57 at 3.0
     generator_batch_size: int = 16  # concurrent queries sharing one denoising loop
     generator_batch_wait_s: float = 0.02
     query_cache_size: int = 1024  # generated-query vectors kept (LRU)

@@ -98,7 +98,7 @@ def evaluate_paths_in_process(
     queries: dict[str, str],
     num_generated: int = 4,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = 2.0,
     seed: int = 0,
     batch_size: int = 512,
 ) -> dict[str, CategoryReport]:

@@ -63,7 +63,7 @@ class Generative(Protocol):
 class SamplingDefaults:
     num_generated: int = 4
     steps: int = 20
-    guidance: float = 3.0
+    guidance: float = 2.0
 
 
 def normalise_query(text: str) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from imagine.models.generator import (
+    DEFAULT_GUIDANCE,
     FAMILY,
     TextConditioner,
     build_pipeline,
@@ -216,7 +217,7 @@ def evaluate_generator(
     eval_limit: int = 2000,
     dual_encoder: str = DEFAULT_DUAL,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     sheet: Path | None = None,
 ) -> dict[str, Any]:

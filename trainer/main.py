@@ -89,7 +89,7 @@ STAGES = {
             "num_generated": 4,
             "generate_batch": 16,
             "steps": 20,
-            "guidance": 3.0,
+            "guidance": 2.0,
             "gallery": 4000,
         },
     ),

