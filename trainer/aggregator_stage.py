@@ -57,9 +57,10 @@ def aggregator_stage(cfg: dict[str, Any]) -> None:
     prompts = [data.captions[i] for i in prompts_idx]
     q_groups = [data.groups[i] for i in prompts_idx]
     k, batch = cfg["num_generated"], cfg["generate_batch"]
-    cache = work / "generated.npy"
+    # generation is the slow part: a re-run with the same sampling settings reuses it
+    cache = work / f"generated-k{k}-s{cfg['steps']}-g{cfg['guidance']}-seed{cfg['seed']}.npy"
     if cfg["resume"] and cache.is_file() and np.load(cache).shape[0] == len(prompts):
-        generated = np.load(cache)  # generation is the slow part: reuse it on a re-run
+        generated = np.load(cache)
     else:
         bar = _progress(len(prompts), "generate training queries")
         chunks = []
@@ -104,7 +105,7 @@ def aggregator_stage(cfg: dict[str, Any]) -> None:
         gallery_visual,
         g_groups,
         text_scores,
-        mode="attention",
+        mode=cfg.get("mode", "attention"),
         epochs=int(cfg["epochs"]),
         lr=cfg["lr"],
         seed=cfg["seed"],

@@ -91,6 +91,9 @@ STAGES = {
             "steps": 20,
             "guidance": 2.0,
             "gallery": 4000,
+            # mean pooling + learned l: the attention aggregator overfit the 118 distinct
+            # Fashion-MNIST training prompts (generated-only mAP 0.40 vs 0.87 for the mean)
+            "mode": "mean",
         },
     ),
 }
