@@ -187,7 +187,7 @@ def run_demo(limit: int | None = None, keep_running: bool = False) -> int:
     try:
         with ImagineClient(settings.grpc_address, timeout_s=120) as c:
             _, version = c.encode_text(["probe"])
-            collection = f"fmnist-test-{version}"
+            collection = "fmnist-test-" + version.replace("+", "_")  # one per model version
             print(f"4/6 ingest: {gallery} -> collection {collection}")
             for attempt in ("first", "second"):
                 job = c.create_ingest_job(str(gallery), collection)
