@@ -47,6 +47,52 @@ class IndexUnavailable(IndexError_):
     """The index cannot be reached (retry later)."""
 
 
+class _Translated:
+    """A qdrant-client whose failures to reach the server raise :class:`IndexUnavailable`
+    (connection refused or reset, timeouts, HTTP 5xx/429, gRPC UNAVAILABLE), so callers can tell
+    "retry later" from a bad request without knowing qdrant-client's exception types."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                reason = _unavailable_reason(exc)
+                if reason is None:
+                    raise
+                raise IndexUnavailable(f"index unreachable ({name}): {reason}") from exc
+
+        return call
+
+
+def _unavailable_reason(exc: Exception) -> str | None:
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        code = int(exc.status_code or 0)
+        return f"HTTP {code}" if code >= 500 or code == 429 else None
+    if isinstance(exc, ResponseHandlingException | ConnectionError | TimeoutError):
+        return f"{type(exc.__cause__ or exc).__name__}: {exc}"
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover - grpcio is a dependency of qdrant-client
+        return None
+    if isinstance(exc, grpc.RpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ):
+        return f"gRPC {exc.code().name}"
+    return None
+
+
 @dataclass
 class Point:
     id: str
@@ -79,6 +125,14 @@ class PointStore(Protocol):
     def get_etags(self, name: str, ids: Sequence[str]) -> dict[str, str]: ...
 
     def upsert(self, name: str, points: Sequence[Point]) -> None: ...
+
+    def source_ids(
+        self, name: str, source: str, page_token: str | None, page_size: int
+    ) -> tuple[list[str], str | None]:
+        """A page of the ids of the points ingested from ``source``; and the next token."""
+        ...
+
+    def delete(self, name: str, ids: Sequence[str]) -> None: ...
 
 
 class VectorIndex(PointStore, Protocol):
@@ -126,6 +180,8 @@ class QdrantIndex:
         the default rollback-journal mode each commit is an fsync (~640 points/s here). In WAL
         mode with synchronous=NORMAL a commit survives a crash of the process (SIGKILL, OOM);
         only the last commits before a power loss may be lost. Measured: 2,850 points/s."""
+        if isinstance(self._client, _Translated):  # a server: its storage is its own
+            return
         local = getattr(self._client, "_client", None)
         for collection in getattr(local, "collections", {}).values():
             persistence = getattr(collection, "storage", None)
@@ -141,7 +197,8 @@ class QdrantIndex:
     def remote(cls, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> QdrantIndex:
         from qdrant_client import QdrantClient
 
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=int(timeout_s)))
+        client = QdrantClient(url=url, api_key=api_key, timeout=max(1, int(timeout_s)))
+        return cls(_Translated(client))
 
     def close(self) -> None:
         with self._lock:
@@ -168,7 +225,9 @@ class QdrantIndex:
             self._client.create_collection(
                 name,
                 vectors_config={
-                    k: models.VectorParams(size=int(v), distance=models.Distance.COSINE)
+                    # Vectors are stored at unit length (upsert), so the dot product is the
+                    # cosine, without re-normalising the gallery per query (local mode does).
+                    k: models.VectorParams(size=int(v), distance=models.Distance.DOT)
                     for k, v in vectors.items()
                 },
                 metadata={"model_version": model_version},
@@ -221,7 +280,9 @@ class QdrantIndex:
         structs = [
             models.PointStruct(
                 id=p.id,
-                vector={k: [float(x) for x in v] for k, v in p.vectors.items()},
+                vector={
+                    k: _unit(np.asarray(v, dtype=np.float32)).tolist() for k, v in p.vectors.items()
+                },
                 payload=p.payload,
             )
             for p in points
@@ -229,6 +290,37 @@ class QdrantIndex:
         with self._lock:
             self._require(name)
             self._client.upsert(name, points=structs, wait=True)
+
+    def source_ids(
+        self, name: str, source: str, page_token: str | None, page_size: int
+    ) -> tuple[list[str], str | None]:
+        from qdrant_client import models
+
+        flt = models.Filter(
+            must=[models.FieldCondition(key="source", match=models.MatchValue(value=source))]
+        )
+        with self._lock:
+            self._require(name)
+            records, nxt = self._client.scroll(
+                name,
+                scroll_filter=flt,
+                limit=page_size,
+                offset=page_token or None,
+                with_payload=False,
+                with_vectors=False,
+            )
+        return [str(r.id) for r in records], (str(nxt) if nxt is not None else None)
+
+    def delete(self, name: str, ids: Sequence[str]) -> None:
+        from qdrant_client import models
+
+        if not ids:
+            return
+        with self._lock:
+            self._require(name)
+            self._client.delete(
+                name, points_selector=models.PointIdsList(points=list(ids)), wait=True
+            )
 
     def search(
         self,
@@ -239,61 +331,100 @@ class QdrantIndex:
         filters: Mapping[str, str] | None = None,
         candidates: int = 100,
     ) -> list[Hit]:
-        """Candidates from each path through Qdrant's prefetch, re-scored exactly and fused."""
+        """The top ``limit`` points by the fused score of the weighted paths.
+
+        Each path searches its own vector (one batched request, ``candidates`` per path); the
+        union of the candidates is ranked by the exact fused formula. A candidate found by only
+        some paths is bounded above by the lowest score each other path returned; the vectors
+        of the candidates that may still reach the top are fetched and scored exactly until the
+        top ``limit`` all carry exact scores on every path (usually one fetch of <= ``limit``
+        points). Payloads are fetched for the hits only.
+        """
         from qdrant_client import models
 
         from imagine.fusion import PATH_VECTORS
 
         flt = _filter(filters)
         paths = [p for p in weights if weights[p] > 0]
+        unit = {p: _unit(np.asarray(queries[p], dtype=np.float32)) for p in paths}
+        single = len(paths) == 1
+        pool = limit if single else max(candidates, limit)
         with self._lock:
             self._require(name)
-            if len(paths) == 1:
-                path = paths[0]
-                res = self._client.query_points(
-                    name,
-                    query=np.asarray(queries[path], dtype=np.float32).tolist(),
-                    using=PATH_VECTORS[path],
-                    query_filter=flt,
-                    limit=limit,
-                    with_payload=True,
-                )
-                return [
-                    Hit(str(p.id), float(p.score), {path: float(p.score)}, p.payload or {})
-                    for p in res.points
-                ]
-            pool = max(candidates, limit)
-            res = self._client.query_points(
+            responses = self._client.query_batch_points(
                 name,
-                prefetch=[
-                    models.Prefetch(
-                        query=np.asarray(queries[p], dtype=np.float32).tolist(),
+                requests=[
+                    models.QueryRequest(
+                        query=unit[p].tolist(),
                         using=PATH_VECTORS[p],
                         filter=flt,
                         limit=pool,
+                        with_payload=single,
                     )
                     for p in paths
                 ],
-                query=models.FusionQuery(fusion=models.Fusion.RRF),
-                limit=pool * len(paths),
-                with_payload=True,
-                with_vectors=[PATH_VECTORS[p] for p in paths],
             )
-        points = res.points
-        if not points:
+        if single:
+            path = paths[0]
+            return [
+                Hit(str(p.id), float(p.score), {path: float(p.score)}, p.payload or {})
+                for p in responses[0].points
+            ]
+        scores: dict[str, dict[str, float]] = {}
+        floor: dict[str, float | None] = {}
+        for path, res in zip(paths, responses, strict=True):
+            for pt in res.points:
+                scores.setdefault(str(pt.id), {})[path] = float(pt.score)
+            # A list shorter than asked holds every match: a candidate missing from it has
+            # no vector of that path (0 similarity). Otherwise its score is <= the lowest.
+            short = len(res.points) < pool
+            floor[path] = None if short else min((float(p.score) for p in res.points), default=0)
+        for known in scores.values():
+            for path in paths:
+                if path not in known and floor[path] is None:
+                    known[path] = 0.0
+
+        def bound(pid: str) -> float:
+            known = scores[pid]
+            return sum(weights[p] * known.get(p, floor[p] or 0.0) for p in paths)
+
+        while True:
+            top = sorted(scores, key=bound, reverse=True)[:limit]
+            todo = [pid for pid in top if len(scores[pid]) < len(paths)]
+            if not todo:
+                break
+            need = sorted({PATH_VECTORS[p] for pid in todo for p in paths if p not in scores[pid]})
+            with self._lock:
+                records = self._client.retrieve(
+                    name, ids=todo, with_payload=False, with_vectors=need
+                )
+            vectors = {str(r.id): r.vector or {} for r in records}
+            for pid in todo:
+                got = vectors.get(pid, {})
+                for p in paths:
+                    if p not in scores[pid]:
+                        vec = got.get(PATH_VECTORS[p]) if isinstance(got, dict) else None
+                        scores[pid][p] = (
+                            float(_unit(np.asarray(vec, dtype=np.float32)) @ unit[p])
+                            if vec is not None
+                            else 0.0
+                        )
+        if not top:
             return []
-        per_path = {}
-        for p in paths:
-            mat = np.asarray([pt.vector[PATH_VECTORS[p]] for pt in points], dtype=np.float32)  # type: ignore[index]
-            per_path[p] = _cosine(mat, np.asarray(queries[p], dtype=np.float32))
+        per_path = {p: np.asarray([scores[pid][p] for pid in top], dtype=np.float32) for p in paths}
         fused = fuse(per_path, {p: weights[p] for p in paths})
-        order = np.argsort(-fused, kind="stable")[:limit]
+        order = np.argsort(-fused, kind="stable")
+        with self._lock:
+            records = self._client.retrieve(
+                name, ids=[top[i] for i in order], with_payload=True, with_vectors=False
+            )
+        payloads = {str(r.id): r.payload or {} for r in records}
         return [
             Hit(
-                str(points[i].id),
+                top[i],
                 float(fused[i]),
                 {p: float(per_path[p][i]) for p in paths},
-                points[i].payload or {},
+                payloads.get(top[i], {}),
             )
             for i in order
         ]
@@ -303,9 +434,9 @@ class QdrantIndex:
             raise CollectionNotFound(f"collection {name!r} not found")
 
 
-def _cosine(mat: np.ndarray, query: np.ndarray) -> np.ndarray:
-    mat = mat / np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
-    return mat @ (query / max(float(np.linalg.norm(query)), 1e-12))
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """The vector scaled to length 1 (a zero vector stays zero)."""
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
 def _filter(filters: Mapping[str, str] | None) -> Any:

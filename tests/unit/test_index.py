@@ -11,6 +11,7 @@ import pytest
 from imagine.fusion import PATH_VECTORS
 from imagine.index import (
     CollectionNotFound,
+    IndexUnavailable,
     ModelVersionMismatch,
     Point,
     QdrantIndex,
@@ -233,6 +234,68 @@ def test_multi_path_search_fuses_exact_cosines_by_weight(index: QdrantIndex) -> 
     }
     expected = sorted(brute, key=brute.__getitem__, reverse=True)[:5]
     assert [h.id for h in hits] == expected
+
+
+def test_multi_path_search_is_exact_over_the_union_of_small_candidate_pools(
+    index: QdrantIndex,
+) -> None:
+    """Candidates of one path that another did not return get that path's exact score too:
+    the hits are the exact fused top-k of the union of every path's candidates."""
+    rng = np.random.default_rng(11)
+    index.ensure_collection("g", {"image": 8, "visual": 6}, "m")
+    vectors = {}
+    for i in range(300):
+        v = {"image": rng.normal(size=8), "visual": rng.normal(size=6)}
+        uri = f"s3://b/{i}"
+        vectors[point_id(uri)] = v
+        index.upsert("g", [_point(uri, **{k: list(x) for k, x in v.items()})])
+    queries = {"text": rng.normal(size=8), "generated": rng.normal(size=6)}
+    weights = {"text": 0.6, "generated": 0.4}
+
+    hits = index.search("g", queries, weights, limit=5, candidates=10)
+
+    per_path = {
+        p: {pid: _cos(queries[p], v[name]) for pid, v in vectors.items()}
+        for p, name in (("text", "image"), ("generated", "visual"))
+    }
+    union = set()
+    for scores in per_path.values():
+        union |= set(sorted(scores, key=scores.__getitem__, reverse=True)[:10])
+    fused = {pid: sum(w * per_path[p][pid] for p, w in weights.items()) for pid in union}
+    assert [h.id for h in hits] == sorted(union, key=fused.__getitem__, reverse=True)[:5]
+    for hit in hits:
+        assert hit.path_scores == pytest.approx({p: per_path[p][hit.id] for p in weights}, abs=1e-5)
+        assert hit.payload["uri"].startswith("s3://b/")
+
+
+def test_multi_path_search_scores_a_missing_vector_as_zero(index: QdrantIndex) -> None:
+    index.ensure_collection("g", {"image": 2, "visual": 2}, "m")
+    index.upsert(
+        "g",
+        [
+            _point("s3://b/both", image=[1.0, 0.0], visual=[1.0, 0.0]),
+            _point("s3://b/image-only", image=[1.0, 0.1]),
+        ],
+    )
+    queries = {"text": np.array([1.0, 0.0]), "generated": np.array([1.0, 0.0])}
+    hits = index.search("g", queries, {"text": 0.5, "generated": 0.5}, limit=2)
+    assert [h.payload["uri"] for h in hits] == ["s3://b/both", "s3://b/image-only"]
+    assert hits[1].path_scores["generated"] == 0.0
+    assert hits[1].score == pytest.approx(0.5 * _cos(np.array([1.0, 0.0]), np.array([1.0, 0.1])))
+
+
+@pytest.mark.filterwarnings("ignore:Failed to obtain server version")
+def test_unreachable_server_raises_index_unavailable() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ix = QdrantIndex.remote(f"http://127.0.0.1:{port}", timeout_s=2)
+    with pytest.raises(IndexUnavailable, match="index unreachable"):
+        ix.get_etags("g", [point_id("s3://b/a")])
+    with pytest.raises(IndexUnavailable):
+        ix.ensure_collection("g", {"image": 2}, "m")
 
 
 def test_multi_path_search_weights_change_the_ranking(index: QdrantIndex) -> None:
