@@ -34,13 +34,22 @@ data: ## install the Fashion-MNIST package (Debian dataset-fashion-mnist) if mis
 demo: setup ## the main job on the embedded default: ingest Fashion-MNIST, search, evaluate
 	$(BIN)/imagine demo
 
-test-deps: ## install redis-server (the Redis broker tests start their own) if missing
+test-deps: ## redis-server (the Redis tests start their own) and a RabbitMQ on 127.0.0.1:5672
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	  else \
 	    echo "redis-server is missing: run 'sudo apt-get install redis-server'"; exit 1; \
 	  fi; }
+	@if ! (echo > /dev/tcp/127.0.0.1/5672) 2>/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "RabbitMQ is not running on 127.0.0.1:5672: run 'sudo apt-get install rabbitmq-server'"; exit 1; \
+	  fi; \
+	  command -v rabbitmq-server >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server; }; \
+	  (echo > /dev/tcp/127.0.0.1/5672) 2>/dev/null || rabbitmq-server -detached; \
+	  rabbitmqctl await_startup --timeout 120 >/dev/null; \
+	fi
 
 test: setup test-deps ## the whole test suite (unit, integration on loopback, end to end)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

@@ -1,9 +1,10 @@
 """``make bench``: throughput and latency through the services against the in-process limit.
 
 - Ingestion: images/s of the whole job path (CreateIngestJob -> Celery job and chunk tasks ->
-  ImageEncoder deployment over gRPC -> Qdrant upsert through the index owner), from the request
-  to the job's end; against the same encoder run in-process on the same files (read, decode,
-  encode, no services, no index).
+  ImageEncoder and VisionEncoder deployments over gRPC -> Qdrant upsert through the index
+  owner), from the request to the job's end; against the same encoders run in-process on the
+  same files (read, decode, encode every stored vector; no services, no index).
+- Fused query: latency cold (K images generated) and cached, and 1/4/16 concurrent queries.
 - Query: p50/p95 latency of a text Search over gRPC against the same query in-process (encode
   the text, search an embedded Qdrant holding the same vectors).
 
@@ -41,16 +42,23 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def in_process_ingest(files: list[Path], model: str, batch: int = 64) -> float:
+def in_process_ingest(files: list[Path], model: str, vision: str, batch: int = 64) -> float:
+    """Read, decode and compute every vector a job stores (``image``, and ``visual`` when a
+    vision encoder is configured) in this process: no services, no broker, no index."""
     from imagine.imaging import decode_image
     from imagine.models.dual_encoder import load_dual_encoder
+    from imagine.models.vision import load_vision_encoder
 
-    encoder = load_dual_encoder(model)
-    encoder.encode_images([decode_image(files[0].read_bytes())])  # warm-up
+    encoders: list[Any] = [load_dual_encoder(model)]
+    if vision:
+        encoders.append(load_vision_encoder(vision))
+    for encoder in encoders:  # warm-up
+        encoder.encode_images([decode_image(files[0].read_bytes())])
     start = time.perf_counter()
     for i in range(0, len(files), batch):
         images = [decode_image(p.read_bytes()) for p in files[i : i + batch]]
-        encoder.encode_images(images)
+        for encoder in encoders:
+            encoder.encode_images(images)
     return len(files) / (time.perf_counter() - start)
 
 
@@ -149,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=200)
     ns = p.parse_args(argv)
 
-    from imagine.config import DEFAULT_MODEL
+    from imagine.config import DEFAULT_MODEL, DEFAULT_VISION
     from imagine.data import export_gallery
     from imagine.demo import start_services, stop_services
     from tests.conftest import free_port
 
     model = os.environ.get("IMAGINE_MODEL", DEFAULT_MODEL)
+    vision = os.environ.get("IMAGINE_VISION_MODEL", DEFAULT_VISION)
     work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
     gallery = work / "gallery"
     export_gallery(gallery, "test", ns.limit)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {len(files)} images, model {model}, {os.cpu_count()} cores, data in {work}")
     rows: list[tuple[str, str, str]] = []
 
-    limit_ips = in_process_ingest(files, model)
+    limit_ips = in_process_ingest(files, model, vision)
     local_ms = in_process_queries(files, model, ns.queries)
 
     from imagine.client import ImagineClient, state_name
@@ -193,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_services(proc)
 
-    rows.insert(0, ("ingest in-process limit (decode + encode)", f"{limit_ips:,.0f} img/s", "1.00"))
+    vectors = "image + visual" if vision else "image"
+    rows.insert(
+        0, (f"ingest in-process limit (decode, {vectors})", f"{limit_ips:,.0f} img/s", "1.00")
+    )
     rows.extend(fused_rows)
     for name, ms in (
         ("query in-process (encode + search)", local_ms),

@@ -105,17 +105,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if "://" not in source:
         source = str(Path(source).expanduser().resolve())
     with _client(args) as c:
-        job = c.create_ingest_job(source, args.collection, _kv(args.meta), args.chunk_size)
+        job = c.create_ingest_job(
+            source, args.collection, _kv(args.meta), args.chunk_size, sync=args.sync
+        )
         print(f"job {job.id} queued: {source} -> {args.collection}")
         if args.no_wait:
             return 0
         job = watch_with_progress(c, job.id)
+    removed = f", {job.removed} removed (gone)" if job.sync else ""
     print(
         f"job {job.id} {state_name(job.state)}: {job.embedded} embedded, "
-        f"{job.skipped} skipped (unchanged), {job.failed} failed of {job.total}"
+        f"{job.skipped} skipped (unchanged), {job.failed} failed of {job.total}{removed}; "
+        f"{job.objects_per_second:,.0f} objects/s"
     )
     for f in job.failures[:20]:
         print(f"  failed: {f.uri}: {f.reason}")
+    if job.failed > 20:
+        print(f"  ... every failure: imagine jobs --id {job.id}")
     if job.error:
         print(f"  error: {job.error}")
     return 0 if state_name(job.state).startswith("SUCCEEDED") else 1
@@ -163,8 +169,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             f"{j.embedded:>8}  {j.skipped:>7}  {j.failed:>6}"
         )
         if args.id:
-            for f in j.failures:
-                print(f"  failed: {f.uri}: {f.reason}")
+            print(
+                f"  {j.objects_per_second:,.1f} objects/s"
+                + (f", removed {j.removed}" if j.sync else "")
+            )
+            with _client(args) as c:
+                for f in c.job_failures(j.id):
+                    print(f"  failed: {f.uri}: {f.reason}")
+            if j.error:
+                print(f"  error: {j.error}")
     return 0
 
 
@@ -254,11 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="payload for every point")
     s.add_argument("--chunk-size", type=int, default=0)
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    s.add_argument("--sync", action="store_true", help="also remove points whose objects are gone")
     s.set_defaults(fn=cmd_ingest)
 
     s = sub.add_parser("jobs", help="list ingestion jobs, show one, or cancel one")
     s.add_argument("--collection", default="")
-    s.add_argument("--id", help="show one job with its failures")
+    s.add_argument("--id", help="show one job with every failure")
     s.add_argument("--cancel", metavar="ID", help="cancel a job")
     s.add_argument("--limit", type=int, default=20)
     s.set_defaults(fn=cmd_jobs)

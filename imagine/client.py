@@ -112,11 +112,29 @@ class ImagineClient:
         collection: str,
         metadata: dict[str, str] | None = None,
         chunk_size: int = 0,
+        sync: bool = False,
     ) -> Any:
         req = ing_pb.CreateIngestJobRequest(
-            source=source, collection=collection, metadata=metadata or {}, chunk_size=chunk_size
+            source=source,
+            collection=collection,
+            metadata=metadata or {},
+            chunk_size=chunk_size,
+            sync=sync,
         )
         return self.ingestion.CreateIngestJob(req, timeout=self.timeout_s).job
+
+    def job_failures(self, job_id: str, page_size: int = 1000) -> Iterator[Any]:
+        """Every per-object failure of a job (``.uri``, ``.reason``), page by page."""
+        token = ""
+        while True:
+            req = ing_pb.ListIngestJobFailuresRequest(
+                id=job_id, page_size=page_size, page_token=token
+            )
+            resp = self.ingestion.ListIngestJobFailures(req, timeout=self.timeout_s)
+            yield from resp.failures
+            token = resp.next_page_token
+            if not token:
+                return
 
     def get_job(self, job_id: str) -> Any:
         req = ing_pb.GetIngestJobRequest(id=job_id)

@@ -39,6 +39,8 @@ class StorageSettings(BaseModel):
     secret_key: str | None = None
     secure: bool = False
     region: str | None = None
+    # Search hits of object-store galleries carry a presigned GET URL valid this long.
+    presign_ttl_s: int = 3600
 
 
 class _Common(BaseSettings):
@@ -66,7 +68,10 @@ class ClientSettings(_Common):
 class ServiceSettings(_Common):
     """The Ray Serve application (model deployments and the gRPC ingress)."""
 
-    model: str = Field(default=DEFAULT_MODEL, description="Dual encoder spec (local-dir:/path)")
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Dual encoder spec (local-dir:/path, open_clip:ARCH@/weights)",
+    )
     # The generative paths; an empty spec switches a model off (text-only search).
     vision_model: str = Field(default=DEFAULT_VISION, description="Vision-only encoder spec")
     generator_model: str = Field(default=DEFAULT_GENERATOR, description="Diffusion generator")
@@ -82,6 +87,15 @@ class ServiceSettings(_Common):
     broker_url: str | None = Field(default=None, description="None: filesystem:// under data_dir")
     jobs_url: str | None = Field(default=None, description="None: SQLite under data_dir")
     default_chunk_size: int = 256
+    task_queue: str = Field(default="imagine-ingest", description="Broker queue of ingest tasks")
+    # A chunk claimed this long ago and not counted is queued again (its worker died); after
+    # job_max_attempts such losses its job fails. Also how long the whole system may make no
+    # progress before messages the broker lost are queued again. See imagine/jobs.py.
+    job_lease_s: float = 300.0
+    job_max_attempts: int = 5
+    # Poison-object limits: larger objects and images become per-object failures.
+    max_object_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
     encoder_batch_size: int = 64
     encoder_batch_wait_s: float = 0.005
     encoder_replicas: int = 1
@@ -135,6 +149,10 @@ class WorkerSettings(ServiceSettings):
 
     concurrency: int = 4
     encode_rpc_batch: int = 64
+    # Transient errors (store, index or models unreachable) are retried with exponential
+    # backoff (1 s, 2 s, ... capped, with jitter); then the job fails with the reason.
+    task_max_retries: int = 8
+    task_retry_backoff_max_s: int = 60
 
 
 class TrainSettings(_Common):

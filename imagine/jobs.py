@@ -3,6 +3,14 @@
 The embedded profile keeps them in SQLite under ``IMAGINE_DATA_DIR`` (WAL mode, so the query
 service reads while workers write). Chunk results are recorded once per chunk number, so a chunk
 task that is retried after a crash never counts its objects twice.
+
+Nothing is lost when a message is: every chunk is written to an outbox (its keys and etags) before
+it is queued, a worker claims it when it starts and the record is deleted when its outcome is
+counted. :meth:`SqliteJobStore.due` finds what must be queued again — chunks claimed by a worker
+that stopped answering (SIGKILL, OOM, lost node) and, when the whole system made no progress for
+a lease, chunks and jobs whose messages the broker lost (a restart without persistence).
+Redelivery is safe because chunks are idempotent; a chunk lost ``max_attempts`` times fails its
+job with the reason instead of looping.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -62,10 +70,19 @@ class Job:
     started_at: float = 0.0
     finished_at: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    sync: bool = False  # remove points of this source whose objects are gone
+    removed: int = 0
 
     @property
     def processed(self) -> int:
         return self.embedded + self.skipped + self.failed
+
+    def objects_per_second(self, now: float | None = None) -> float:
+        """Processed objects per second from start to end (or to ``now`` while running)."""
+        if not self.started_at:
+            return 0.0
+        end = self.finished_at or (time.time() if now is None else now)
+        return self.processed / max(end - self.started_at, 1e-6)
 
 
 _SCHEMA = """
@@ -85,12 +102,40 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS failures (
   job_id TEXT NOT NULL, uri TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (job_id, uri)
 );
+CREATE TABLE IF NOT EXISTS outbox (
+  job_id TEXT NOT NULL, chunk INTEGER NOT NULL, items TEXT NOT NULL,
+  submitted_at REAL NOT NULL, claimed_at REAL NOT NULL DEFAULT 0,
+  lost INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job_id, chunk)
+);
+CREATE TABLE IF NOT EXISTS listed (
+  job_id TEXT NOT NULL, point_id TEXT NOT NULL, PRIMARY KEY (job_id, point_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS progress (id INTEGER PRIMARY KEY CHECK (id = 0), at REAL NOT NULL);
+INSERT OR IGNORE INTO progress (id, at) VALUES (0, 0);
 """
+# columns added after the first release: (name, declaration), applied to older files on open
+# touched_at: the lister's last sign of life; requeued_at: when the redeliverer last queued
+# the job task again (kept apart, so a re-queue does not look like a live lister).
+_MIGRATIONS = (
+    ("touched_at", "REAL NOT NULL DEFAULT 0"),
+    ("requeued_at", "REAL NOT NULL DEFAULT 0"),
+    ("sync", "INTEGER NOT NULL DEFAULT 0"),
+    ("removed", "INTEGER NOT NULL DEFAULT 0"),
+)
 _COLUMNS = (
     "id, collection, source, state, model_version, chunk_size, metadata, total, embedded, "
     "skipped, failed, listing_done, num_chunks, chunks_done, error, created_at, started_at, "
-    "finished_at"
+    "finished_at, sync, removed"
 )
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """A task to queue again: the job task (``chunk is None``) or one chunk with its items."""
+
+    job_id: str
+    chunk: int | None = None
+    items: list[list[str]] = field(default_factory=list)
 
 
 class SqliteJobStore:
@@ -98,7 +143,12 @@ class SqliteJobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        db = self._conn()
+        db.executescript(_SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _MIGRATIONS:
+            if name not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -128,12 +178,13 @@ class SqliteJobStore:
         chunk_size: int,
         metadata: dict[str, str] | None = None,
         model_version: str = "",
+        sync: bool = False,
     ) -> Job:
         job_id = uuid.uuid4().hex[:16]
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (id, collection, source, state, model_version, chunk_size, "
-                "metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "metadata, created_at, sync) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     collection,
@@ -143,23 +194,103 @@ class SqliteJobStore:
                     chunk_size,
                     json.dumps(metadata or {}),
                     time.time(),
+                    int(sync),
                 ),
             )
         return self.get(job_id)
 
-    def start(self, job_id: str) -> Job:
-        """QUEUED -> RUNNING (a retried job task finds it RUNNING and goes on)."""
+    def claim_listing(self, job_id: str, lease_s: float) -> bool:
+        """May this job task list the source? QUEUED -> RUNNING, or take over a listing whose
+        lister has been silent for a lease. A duplicate job task gets False and does nothing."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, started_at=?, touched_at=? WHERE id=? AND state=?",
+                (JobState.RUNNING.value, now, now, job_id, JobState.QUEUED.value),
+            )
+            if cur.rowcount == 0:
+                cur = db.execute(
+                    "UPDATE jobs SET touched_at=? WHERE id=? AND state=? AND listing_done=0 "
+                    "AND touched_at < ?",
+                    (now, job_id, JobState.RUNNING.value, now - lease_s),
+                )
+            if cur.rowcount:
+                _progress(db, now)
+            elif not db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
+                raise JobNotFound(f"ingest job {job_id!r} not found")
+            return cur.rowcount > 0
+
+    # -- sync mode: the ids a listing found, to sweep the points of objects that are gone ----
+    def add_listed(self, job_id: str, point_ids: Sequence[str]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO listed (job_id, point_id) VALUES (?, ?)",
+                [(job_id, pid) for pid in point_ids],
+            )
+
+    def not_listed(self, job_id: str, point_ids: Sequence[str]) -> list[str]:
+        """Those of ``point_ids`` the job's listing did not find."""
+        db = self._conn()
+        found: set[str] = set()
+        for i in range(0, len(point_ids), 500):
+            part = list(point_ids[i : i + 500])
+            marks = ",".join("?" * len(part))
+            found.update(
+                r[0]
+                for r in db.execute(
+                    f"SELECT point_id FROM listed WHERE job_id=? AND point_id IN ({marks})",
+                    (job_id, *part),
+                )
+            )
+        return [pid for pid in point_ids if pid not in found]
+
+    def finish_sweep(self, job_id: str, removed: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET removed=? WHERE id=?", (removed, job_id))
+            db.execute("DELETE FROM listed WHERE job_id=?", (job_id,))
+            _progress(db, time.time())
+
+    def release_listing(self, job_id: str) -> None:
+        """The lister failed (and will be retried): let the next job task list at once."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state=?, started_at=? WHERE id=? AND state=?",
-                (JobState.RUNNING.value, time.time(), job_id, JobState.QUEUED.value),
+                "UPDATE jobs SET touched_at=0 WHERE id=? AND state=? AND listing_done=0",
+                (job_id, JobState.RUNNING.value),
             )
-        return self.get(job_id)
 
     def update_listed(self, job_id: str, total: int) -> None:
         """Progress of a listing still under way."""
+        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE jobs SET total=? WHERE id=? AND listing_done=0", (total, job_id))
+            db.execute(
+                "UPDATE jobs SET total=?, touched_at=? WHERE id=? AND listing_done=0",
+                (total, now, job_id),
+            )
+            _progress(db, now)
+
+    def add_chunk(self, job_id: str, chunk: int, items: list[list[str]]) -> None:
+        """Write a chunk to the outbox before it is queued (a re-listing keeps the first)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO outbox (job_id, chunk, items, submitted_at) "
+                "SELECT ?, ?, ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM chunks WHERE job_id=? AND chunk=?)",
+                (job_id, chunk, json.dumps(items), time.time(), job_id, chunk),
+            )
+
+    def claim_chunk(self, job_id: str, chunk: int) -> bool:
+        """A worker starts a chunk; False when its outcome is already counted (a duplicate)."""
+        now = time.time()
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM chunks WHERE job_id=? AND chunk=?", (job_id, chunk)
+            ).fetchone():
+                return False
+            db.execute(
+                "UPDATE outbox SET claimed_at=? WHERE job_id=? AND chunk=?", (now, job_id, chunk)
+            )
+            _progress(db, now)
+        return True
 
     def set_listing(self, job_id: str, total: int, num_chunks: int) -> Job:
         with self._tx() as db:
@@ -185,6 +316,8 @@ class SqliteJobStore:
             )
             if cur.rowcount == 0:
                 return False
+            db.execute("DELETE FROM outbox WHERE job_id=? AND chunk=?", (job_id, chunk))
+            _progress(db, time.time())
             db.executemany(
                 "INSERT OR REPLACE INTO failures (job_id, uri, reason) VALUES (?, ?, ?)",
                 [(job_id, uri, reason) for uri, reason in failures],
@@ -205,6 +338,7 @@ class SqliteJobStore:
 
     def _end(self, job_id: str, state: JobState, error: str) -> Job:
         with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE job_id=?", (job_id,))
             db.execute(
                 "UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=? AND state IN (?, ?)",
                 (
@@ -233,6 +367,70 @@ class SqliteJobStore:
             "UPDATE jobs SET state=?, finished_at=? WHERE id=?", (final.value, time.time(), job_id)
         )
 
+    def due(self, lease_s: float, max_attempts: int, now: float | None = None) -> list[Redelivery]:
+        """What to queue again now, marked as re-queued (call it from one place, periodically).
+
+        - a chunk claimed more than a lease ago and not counted: its worker died or hangs;
+          after ``max_attempts`` such losses the job fails with the reason;
+        - when nothing anywhere progressed for a lease: chunks queued more than a lease ago
+          and never claimed, and job tasks that never started or stopped listing — the broker
+          lost them (while workers are busy, a queue backlog is not mistaken for a loss).
+        """
+        now = time.time() if now is None else now
+        stale = now - lease_s
+        out: list[Redelivery] = []
+        with self._tx() as db:
+            running = JobState.RUNNING.value
+            rows = db.execute(
+                "SELECT o.job_id, o.chunk, o.items, o.lost FROM outbox o JOIN jobs j "
+                "ON j.id = o.job_id WHERE j.state=? AND o.claimed_at > 0 AND o.claimed_at < ? "
+                "ORDER BY o.job_id, o.chunk",
+                (running, stale),
+            ).fetchall()
+            failed_jobs: dict[str, str] = {}
+            for job_id, chunk, items, lost in rows:
+                if lost + 1 >= max_attempts:
+                    failed_jobs.setdefault(
+                        job_id,
+                        f"chunk {chunk} was lost {lost + 1} times (its worker died or hung "
+                        f"for over {lease_s:g} s each time); giving up",
+                    )
+                    continue
+                db.execute(
+                    "UPDATE outbox SET claimed_at=0, submitted_at=?, lost=lost+1 "
+                    "WHERE job_id=? AND chunk=?",
+                    (now, job_id, chunk),
+                )
+                out.append(Redelivery(job_id, chunk, json.loads(items)))
+            for job_id, reason in failed_jobs.items():
+                db.execute("DELETE FROM outbox WHERE job_id=?", (job_id,))
+                db.execute(
+                    "UPDATE jobs SET state=?, error=?, finished_at=? WHERE id=? AND state=?",
+                    (JobState.FAILED.value, reason, now, job_id, running),
+                )
+                out = [r for r in out if r.job_id != job_id]
+            (last,) = db.execute("SELECT at FROM progress WHERE id=0").fetchone()
+            if last < stale:
+                for job_id, chunk, items in db.execute(
+                    "SELECT o.job_id, o.chunk, o.items FROM outbox o JOIN jobs j "
+                    "ON j.id = o.job_id WHERE j.state=? AND o.claimed_at = 0 "
+                    "AND o.submitted_at < ? ORDER BY o.job_id, o.chunk",
+                    (running, stale),
+                ).fetchall():
+                    db.execute(
+                        "UPDATE outbox SET submitted_at=? WHERE job_id=? AND chunk=?",
+                        (now, job_id, chunk),
+                    )
+                    out.append(Redelivery(job_id, chunk, json.loads(items)))
+                for (job_id,) in db.execute(
+                    "SELECT id FROM jobs WHERE (state=? OR (state=? AND listing_done=0)) "
+                    "AND MAX(touched_at, created_at, requeued_at) < ? ORDER BY created_at",
+                    (JobState.QUEUED.value, running, stale),
+                ).fetchall():
+                    db.execute("UPDATE jobs SET requeued_at=? WHERE id=?", (now, job_id))
+                    out.append(Redelivery(job_id))
+        return out
+
     # -- reads ------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
         db = self._conn()
@@ -258,9 +456,27 @@ class SqliteJobStore:
             ).fetchall()
         return [_job(r, []) for r in rows]
 
+    def failures(
+        self, job_id: str, after: str = "", limit: int = 1000
+    ) -> Sequence[tuple[str, str]]:
+        """A page of the job's per-object failures (uri, reason), by uri, after ``after``."""
+        db = self._conn()
+        if not db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
+            raise JobNotFound(f"ingest job {job_id!r} not found")
+        rows = db.execute(
+            "SELECT uri, reason FROM failures WHERE job_id=? AND uri > ? ORDER BY uri LIMIT ?",
+            (job_id, after, limit),
+        ).fetchall()
+        return [(u, r) for u, r in rows]
+
+
+def _progress(db: sqlite3.Connection, now: float) -> None:
+    db.execute("UPDATE progress SET at=? WHERE id=0", (now,))
+
 
 def _job(row: tuple[Any, ...], failures: list[tuple[str, str]]) -> Job:
-    (jid, coll, src, state, mv, cs, meta, total, emb, skp, fld, ld, nc, cd, err, ca, sa, fa) = row
+    (jid, coll, src, state, mv, cs, meta, total, emb, skp, fld, ld, nc, cd, err, ca, sa, fa,
+     sync, removed) = row  # fmt: skip
     return Job(
         id=jid,
         collection=coll,
@@ -281,4 +497,6 @@ def _job(row: tuple[Any, ...], failures: list[tuple[str, str]]) -> Job:
         started_at=sa,
         finished_at=fa,
         failures=[(u, r) for u, r in failures],
+        sync=bool(sync),
+        removed=removed,
     )

@@ -68,6 +68,7 @@ def broker_config(settings: ServiceSettings) -> dict[str, Any]:
         url = FS_SCHEME + "://"
     conf: dict[str, Any] = {
         "broker_url": url,
+        "task_default_queue": settings.task_queue,
         "task_ignore_result": True,
         "result_backend": None,
         "task_acks_late": True,
@@ -81,15 +82,19 @@ def broker_config(settings: ServiceSettings) -> dict[str, Any]:
     if url.startswith(FS_SCHEME):
         queue = settings.broker_folders() / "queue"
         processed = settings.broker_folders() / "processed"
-        queue.mkdir(parents=True, exist_ok=True)
-        processed.mkdir(parents=True, exist_ok=True)
+        control = settings.broker_folders() / "control"
+        for folder in (queue, processed, control):
+            folder.mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
             "processed_folder": str(processed),
             "store_processed": False,
+            "control_folder": str(control),
             "polling_interval": 0.1,
         }
     elif url.startswith("redis://"):
+        # Redelivery of a dead worker's chunk is ours (the job outbox, within job_lease_s);
+        # Redis's own comes after the visibility timeout, kept above any chunk's run time.
         conf["broker_transport_options"] = {"visibility_timeout": 3600}
     return conf

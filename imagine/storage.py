@@ -11,6 +11,7 @@ stored type. ``minio`` and ``urllib3`` are imported only when an S3 store is use
 from __future__ import annotations
 
 import io
+import logging
 import mimetypes
 import os
 import tempfile
@@ -27,6 +28,7 @@ from imagine.config import StorageSettings
 if TYPE_CHECKING:
     from minio import Minio
 
+log = logging.getLogger(__name__)
 _CHUNK = 256 * 1024
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "ResourceNotFound"}
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
@@ -415,3 +417,32 @@ def open_store(source: str, settings: StorageSettings) -> ObjectStore:
     if not root.is_dir():
         raise ObjectNotFound(f"source {root} is not a folder")
     return LocalFolderStore(root)
+
+
+class ObjectLinks:
+    """Where a client can fetch a hit's image: a presigned GET URL for objects in a bucket
+    (valid ``settings.presign_ttl_s``), a ``file://`` URL for a local folder, or "" when
+    there is none (presigning is local HMAC; the endpoint is asked once per bucket for its
+    region unless ``settings.region`` is set, and a failure gives "" rather than failing a
+    search)."""
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self._settings = settings
+        self._client: Minio | None = None
+
+    def url(self, source: str, key: str) -> str:
+        if not source or not key:
+            return ""
+        try:
+            scheme, where, prefix = parse_source(source)
+            if scheme == "file":
+                return (Path(where) / key).as_uri()
+            if not self._settings.endpoint:
+                return ""
+            if self._client is None:
+                self._client = minio_client(self._settings)
+            store = MinioStore(self._client, where, prefix)
+            return store.presigned_url(key, self._settings.presign_ttl_s) or ""
+        except (ValueError, ObjectStoreError) as exc:
+            log.warning("no URL for %s in %s: %s", key, source, exc)
+            return ""

@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 from imagine.config import ServiceSettings
-from imagine.imaging import DEFAULT_MAX_PIXELS
 from imagine.runtime import quiet_environment, use_loopback_ray
 
 log = logging.getLogger("imagine.app")
@@ -40,13 +39,13 @@ def build_app(settings: ServiceSettings) -> Any:
     common = (settings.model, settings.encoder_batch_size, settings.encoder_batch_wait_s)
     text = TextEncoder.options(**replicas).bind(*common, settings.torch_threads)
     image = ImageEncoder.options(**replicas).bind(
-        *common, settings.torch_threads, DEFAULT_MAX_PIXELS
+        *common, settings.torch_threads, settings.max_image_pixels
     )
     vision = generator = aggregator = None
     specs = settings.generative_specs()
     if "vision" in specs:
         vision = VisionEncoder.options(**replicas).bind(
-            specs["vision"], *common[1:], settings.torch_threads, DEFAULT_MAX_PIXELS
+            specs["vision"], *common[1:], settings.torch_threads, settings.max_image_pixels
         )
     if len(specs) == 3:
         generator = Generator.options(

@@ -8,6 +8,7 @@ ingestion workers through the internal ``IndexService``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -21,8 +22,9 @@ from ray.serve.handle import DeploymentHandle
 
 from imagine.config import ServiceSettings
 from imagine.index import QdrantIndex
-from imagine.jobs import TASK_RUN_JOB, SqliteJobStore
+from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore
 from imagine.queueing import broker_config
+from imagine.storage import ObjectLinks
 from services.query import GenerativeInfo, QueryEngine, SamplingDefaults
 from services.servicers import Backend, add_all
 
@@ -82,6 +84,32 @@ class CeleryQueue:
     def submit(self, job_id: str) -> None:
         self._app.send_task(TASK_RUN_JOB, args=[job_id], retry=True)
 
+    def submit_chunk(self, job_id: str, chunk: int, items: list[list[str]]) -> None:
+        self._app.send_task(TASK_RUN_CHUNK, args=[job_id, chunk, items], retry=True)
+
+
+async def redeliver_forever(
+    jobs: SqliteJobStore, queue: CeleryQueue, lease_s: float, max_attempts: int
+) -> None:
+    """Queue again what a dead worker or a broker restart lost (see ``SqliteJobStore.due``).
+
+    Several ingress replicas may run this: each redelivery is handed to one of them. A submit
+    that fails (broker down) is retried a lease later, when the record is due again.
+    """
+    period = max(0.5, min(lease_s / 4, 15.0))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            for r in await asyncio.to_thread(jobs.due, lease_s, max_attempts):
+                if r.chunk is None:
+                    log.warning("job %s: its job task was lost; queued again", r.job_id)
+                    await asyncio.to_thread(queue.submit, r.job_id)
+                else:
+                    log.warning("job %s: chunk %d was lost; queued again", r.job_id, r.chunk)
+                    await asyncio.to_thread(queue.submit_chunk, r.job_id, r.chunk, r.items)
+        except Exception:  # never let the loop die; the next round retries
+            log.exception("redelivery round failed")
+
 
 def open_index(settings: ServiceSettings) -> QdrantIndex:
     if settings.qdrant.url:
@@ -126,11 +154,15 @@ class Ingress:
         encoders = HandleEncoders(text, image, vision)
         defaults = SamplingDefaults(s.default_num_generated, s.default_steps, s.default_guidance)
         self.index = open_index(s)
+        jobs, queue = SqliteJobStore(s.jobs_path), CeleryQueue(s)
+        self.redelivery = asyncio.get_running_loop().create_task(
+            redeliver_forever(jobs, queue, s.job_lease_s, s.job_max_attempts)
+        )
         self.backend = Backend(
             encoders=encoders,
             index=self.index,
-            jobs=SqliteJobStore(s.jobs_path),
-            queue=CeleryQueue(s),
+            jobs=jobs,
+            queue=queue,
             model_version=version,
             vectors=vectors,
             default_chunk_size=s.default_chunk_size,
@@ -139,6 +171,7 @@ class Ingress:
             ),
             generative=generative,
             defaults=defaults,
+            links=ObjectLinks(s.storage),
         )
         # No SO_REUSEPORT: a second server on the same address must fail, not share it.
         self.server = grpc.aio.server(
@@ -179,6 +212,9 @@ class Ingress:
             raise RuntimeError("gRPC server is not running")
 
     async def __del__(self) -> None:
+        redelivery = getattr(self, "redelivery", None)
+        if redelivery is not None:
+            redelivery.cancel()
         server = getattr(self, "server", None)
         if server is not None:
             await server.stop(grace=2)

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from imagine.config import StorageSettings
 from imagine.fusion import FusionError
 from imagine.index import (
     CollectionInfo,
@@ -30,6 +31,7 @@ from imagine.index import (
     VectorIndex,
 )
 from imagine.jobs import Job, JobNotFound, SqliteJobStore
+from imagine.storage import ObjectLinks
 from protos.gen.imagine.v1 import (
     collection_service_pb2 as col_pb,
 )
@@ -100,6 +102,7 @@ class Backend:
     engine: QueryEngine
     generative: Generative | None = None
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    links: ObjectLinks = field(default_factory=lambda: ObjectLinks(StorageSettings()))
 
 
 R = TypeVar("R")
@@ -177,6 +180,9 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
                     path_scores=h.path_scores,
                     uri=str(h.payload.get("source_uri", "")),
                     payload=_struct(h.payload),
+                    url=self.b.links.url(
+                        str(h.payload.get("source", "")), str(h.payload.get("key", ""))
+                    ),
                 )
             )
         if request.explain:
@@ -330,6 +336,9 @@ def job_pb(job: Job) -> Any:
         started_at=job.started_at,
         finished_at=job.finished_at,
         failures=[ing_pb.ObjectFailure(uri=u, reason=r) for u, r in job.failures],
+        sync=job.sync,
+        removed=job.removed,
+        objects_per_second=job.objects_per_second(),
     )
 
 
@@ -365,7 +374,13 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
             raise BadRequest(f"chunk_size {chunk} exceeds the limit of 10000")
         await asyncio.to_thread(b.index.ensure_collection, name, b.vectors, b.model_version)
         job = await asyncio.to_thread(
-            b.jobs.create, name, source, chunk, dict(request.metadata), b.model_version
+            b.jobs.create,
+            name,
+            source,
+            chunk,
+            dict(request.metadata),
+            b.model_version,
+            request.sync,
         )
         try:
             await asyncio.to_thread(b.queue.submit, job.id)
@@ -373,6 +388,21 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
             await asyncio.to_thread(b.jobs.fail, job.id, f"could not queue the job: {exc}")
             raise IndexUnavailable(f"the job queue is unavailable: {exc}") from exc
         return ing_pb.CreateIngestJobResponse(job=job_pb(job))
+
+    @rpc
+    async def ListIngestJobFailures(self, request: Any, context: Any) -> Any:
+        size = request.page_size or 1000
+        if size > 10_000:
+            raise BadRequest(f"page_size {size} exceeds the limit of 10000")
+        page = await asyncio.to_thread(
+            self.b.jobs.failures, request.id, request.page_token, size + 1
+        )
+        more = len(page) > size
+        page = page[:size]
+        return ing_pb.ListIngestJobFailuresResponse(
+            failures=[ing_pb.ObjectFailure(uri=u, reason=r) for u, r in page],
+            next_page_token=page[-1][0] if more else "",
+        )
 
     @rpc
     async def GetIngestJob(self, request: Any, context: Any) -> Any:
@@ -443,6 +473,23 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
         ]
         await asyncio.to_thread(self.b.index.upsert, check_collection(request.collection), points)
         return idx_pb.UpsertPointsResponse()
+
+    @rpc
+    async def ListSourcePoints(self, request: Any, context: Any) -> Any:
+        ids, token = await asyncio.to_thread(
+            self.b.index.source_ids,
+            check_collection(request.collection),
+            request.source,
+            request.page_token or None,
+            min(request.page_size or 1000, 10_000),
+        )
+        return idx_pb.ListSourcePointsResponse(ids=ids, next_page_token=token or "")
+
+    @rpc
+    async def DeletePoints(self, request: Any, context: Any) -> Any:
+        name = check_collection(request.collection)
+        await asyncio.to_thread(self.b.index.delete, name, list(request.ids))
+        return idx_pb.DeletePointsResponse()
 
 
 def add_all(server: grpc.aio.Server, backend: Backend, with_index: bool) -> list[str]:

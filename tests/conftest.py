@@ -24,8 +24,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def png_header_only(width: int, height: int, payload: bytes = b"") -> bytes:
+    """A PNG that declares width x height 8-bit grey pixels; its data decompresses to
+    ``payload`` (zeros compress ~1000:1, so a few KB can claim gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(payload, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+# Every kind of poison object make_gallery(poison=True) writes, and a word of its reason.
+POISON_REASONS = {
+    "bad-truncated.png": "truncated",
+    "bad-empty.png": "empty",
+    "bad-text.txt": "not an image",
+    "bad-random.jpg": "not an image",
+    "bad-bomb.png": "decompression bomb",
+    "bad-huge.png": "exceeds the limit",
+}
+
+
 def make_gallery(root: Path, n: int, poison: bool = False) -> Path:
-    """n Fashion-MNIST test images + manifest.jsonl labels; optionally one of each bad kind."""
+    """n Fashion-MNIST test images + manifest.jsonl labels; optionally one of each bad kind
+    (``POISON_REASONS``)."""
     from imagine.data import export_gallery
 
     export_gallery(root, "test", n)
@@ -35,7 +66,52 @@ def make_gallery(root: Path, n: int, poison: bool = False) -> Path:
         (root / "bad-empty.png").write_bytes(b"")
         (root / "bad-text.txt").write_text("not an image")
         (root / "bad-random.jpg").write_bytes(os.urandom(2048))
+        # 1.6 gigapixels from 5 KB: refused from its header, before any byte is inflated
+        (root / "bad-bomb.png").write_bytes(png_header_only(40_000, 40_000, bytes(4_000_000)))
+        # 64 megapixels: under Pillow's bomb threshold, over our configured limit (50 M)
+        (root / "bad-huge.png").write_bytes(png_header_only(8_000, 8_000, bytes(1_000_000)))
     return root
+
+
+class RedisServer:
+    """A redis-server of our own on a free loopback port (`make test` installs redis-server),
+    without persistence: a restart loses whatever it held, like a crashed broker."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 @dataclass
@@ -73,7 +149,9 @@ class Stack:
         return int(self.proc.returncode)
 
 
-def start_stack(data_dir: Path, extra_env: dict[str, str] | None = None) -> Stack:
+def start_stack(
+    data_dir: Path, extra_env: dict[str, str] | None = None, serve_args: tuple[str, ...] = ()
+) -> Stack:
     from imagine.client import ImagineClient
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +169,7 @@ def start_stack(data_dir: Path, extra_env: dict[str, str] | None = None) -> Stac
     address = env["IMAGINE_GRPC_ADDRESS"]
     log = data_dir / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imagine.cli", "serve"],
+        [sys.executable, "-m", "imagine.cli", "serve", *serve_args],
         env=env,
         cwd=ROOT,
         stdout=log.open("ab"),

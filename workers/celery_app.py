@@ -61,21 +61,23 @@ class _Context:
             open_store=lambda source: open_store(source, s.storage),
             encoder=GrpcEncoder(client),
             encode_batch=s.encode_rpc_batch,
+            lease_s=s.job_lease_s,
+            max_object_bytes=s.max_object_bytes,
         )
 
 
 def create_app(settings: WorkerSettings | None = None) -> Celery:
-    settings = settings or load_worker_settings()
+    cfg = settings or load_worker_settings()
     app = Celery("imagine")
-    app.conf.update(broker_config(settings))
-    context = _Context(settings)
+    app.conf.update(broker_config(cfg))
+    context = _Context(cfg)
 
     class JobTask(Task):  # type: ignore[misc]
         autoretry_for = RETRY_ON
         retry_backoff = 1
-        retry_backoff_max = 60
+        retry_backoff_max = cfg.task_retry_backoff_max_s
         retry_jitter = True
-        max_retries = 8
+        max_retries = cfg.task_max_retries
         acks_late = True
         reject_on_worker_lost = True
 

@@ -23,7 +23,6 @@ from imagine.storage import ObjectNotFound, ObjectStore, ObjectStoreError, Objec
 log = logging.getLogger("imagine.ingest")
 
 MANIFEST_KEY = "manifest.jsonl"  # optional labels: {"image": "key", "label": "..."} per line
-MAX_OBJECT_BYTES = 20 * 1024 * 1024
 
 # One chunk item: (key, etag, label)
 Item = tuple[str, str, str]
@@ -46,6 +45,8 @@ class IngestContext:
     open_store: Callable[[str], ObjectStore]
     encoder: Encoder
     encode_batch: int = 64
+    lease_s: float = 300.0  # a lister silent this long is taken over (see imagine.jobs)
+    max_object_bytes: int = 20 * 1024 * 1024  # larger objects are per-object failures
 
 
 def read_labels(store: ObjectStore) -> dict[str, str]:
@@ -67,11 +68,26 @@ def read_labels(store: ObjectStore) -> dict[str, str]:
 def run_job(
     ctx: IngestContext, job_id: str, submit_chunk: Callable[[int, list[Item]], None]
 ) -> None:
-    """List the source and fan out chunks. Safe to re-run: chunks are idempotent."""
-    job = ctx.jobs.start(job_id)
-    if job.state is not JobState.RUNNING:
-        log.info("job %s is %s; nothing to do", job_id, job.state.value)
+    """List the source and fan out chunks, each written to the job's outbox before it is queued.
+
+    A duplicate job task (redelivered while the listing is alive, or after it ended) does
+    nothing; one that takes over a dead lister lists again, and the chunks it finds already in
+    the outbox or counted keep their first version.
+    """
+    if not ctx.jobs.claim_listing(job_id, ctx.lease_s):
+        log.info("job %s is %s; nothing to list", job_id, ctx.jobs.get(job_id).state.value)
         return
+    try:
+        _list_source(ctx, job_id, submit_chunk)
+    except BaseException:
+        ctx.jobs.release_listing(job_id)  # the task's retry lists again at once
+        raise
+
+
+def _list_source(
+    ctx: IngestContext, job_id: str, submit_chunk: Callable[[int, list[Item]], None]
+) -> None:
+    job = ctx.jobs.get(job_id)
     store = ctx.open_store(job.source)
     labels = read_labels(store)
     chunk: list[Item] = []
@@ -84,20 +100,48 @@ def run_job(
         if len(chunk) >= job.chunk_size:
             if ctx.jobs.get(job_id).state is JobState.CANCELLED:
                 return
+            if job.sync:
+                ctx.jobs.add_listed(job_id, [point_id(_uri(store, k)) for k, _, _ in chunk])
+            ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
             submit_chunk(chunks, chunk)
             ctx.jobs.update_listed(job_id, total)
             chunks, chunk = chunks + 1, []
     if chunk:
+        if job.sync:
+            ctx.jobs.add_listed(job_id, [point_id(_uri(store, k)) for k, _, _ in chunk])
+        ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
         submit_chunk(chunks, chunk)
         chunks += 1
+    if job.sync:
+        _sweep(ctx, job)
     ctx.jobs.set_listing(job_id, total, chunks)
     log.info("job %s: listed %d objects in %d chunks", job_id, total, chunks)
+
+
+def _sweep(ctx: IngestContext, job: Any, page_size: int = 1000) -> None:
+    """Sync mode: remove the collection's points of this source that the listing did not find
+    (their objects are gone). Pages through the index; the listed ids are on disk (job store),
+    so memory stays flat however large the gallery."""
+    removed = 0
+    token: str | None = None
+    while True:
+        ids, token = ctx.index.source_ids(job.collection, job.source, token, page_size)
+        gone = ctx.jobs.not_listed(job.id, ids)
+        ctx.index.delete(job.collection, gone)
+        removed += len(gone)
+        if token is None:
+            break
+    ctx.jobs.finish_sweep(job.id, removed)
+    log.info("job %s: sync removed %d points whose objects are gone", job.id, removed)
 
 
 def run_chunk(ctx: IngestContext, job_id: str, chunk_no: int, items: Sequence[Item]) -> None:
     job = ctx.jobs.get(job_id)
     if job.state.terminal:
         log.info("job %s is %s; chunk %d skipped", job_id, job.state.value, chunk_no)
+        return
+    if not ctx.jobs.claim_chunk(job_id, chunk_no):
+        log.info("job %s: chunk %d is already counted; duplicate dropped", job_id, chunk_no)
         return
     if ctx.encoder.model_version != job.model_version:
         raise RuntimeError(
@@ -117,7 +161,7 @@ def run_chunk(ctx: IngestContext, job_id: str, chunk_no: int, items: Sequence[It
         blobs, ok = [], []
         for key, etag, label in batch:
             try:
-                blobs.append(store.read(key, max_bytes=MAX_OBJECT_BYTES))
+                blobs.append(store.read(key, max_bytes=ctx.max_object_bytes))
                 ok.append((key, etag, label))
             except ObjectTooLarge as exc:
                 failures.append((uris[key], f"object too large: {exc}"))

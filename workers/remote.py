@@ -9,6 +9,7 @@ gRPC UNAVAILABLE / DEADLINE_EXCEEDED become :class:`TransientError` so tasks ret
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -21,6 +22,7 @@ from protos.gen.imagine.v1 import index_service_pb2 as idx_pb
 from protos.gen.imagine.v1 import index_service_pb2_grpc as idx_grpc
 
 T = TypeVar("T")
+_POOL = ThreadPoolExecutor(8, thread_name_prefix="encode-rpc")
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -58,9 +60,12 @@ class GrpcEncoder:
                 raise
 
     def encode_images(self, images: list[bytes]) -> list[dict[str, list[float]] | str]:
-        per_vector = {
-            name: call(self.client.encode_images, images, name)[0] for name in self.vectors
+        # One RPC per vector, in flight together: each encoder deployment batches its own.
+        futures = {
+            name: _POOL.submit(call, self.client.encode_images, images, name)
+            for name in self.vectors
         }
+        per_vector = {name: f.result()[0] for name, f in futures.items()}
         out: list[dict[str, list[float]] | str] = []
         for i in range(len(images)):
             first = per_vector["image"][i]
@@ -113,3 +118,17 @@ class RemoteIndex:
                 )
             )
         call(self.stub.UpsertPoints, req, timeout=self.timeout_s)
+
+    def source_ids(
+        self, name: str, source: str, page_token: str | None, page_size: int
+    ) -> tuple[list[str], str | None]:
+        req = idx_pb.ListSourcePointsRequest(
+            collection=name, source=source, page_token=page_token or "", page_size=page_size
+        )
+        resp = call(self.stub.ListSourcePoints, req, timeout=self.timeout_s)
+        return list(resp.ids), resp.next_page_token or None
+
+    def delete(self, name: str, ids: Sequence[str]) -> None:
+        if ids:
+            req = idx_pb.DeletePointsRequest(collection=name, ids=list(ids))
+            call(self.stub.DeletePoints, req, timeout=self.timeout_s)

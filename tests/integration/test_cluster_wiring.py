@@ -15,38 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from PIL import Image
 
 from imagine.client import state_name
-from tests.conftest import Stack, free_port, start_stack
+from tests.conftest import RedisServer, Stack, free_port, start_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Redis server of our own on a free loopback port (`make test` installs redis-server)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +110,19 @@ def test_s3_gallery_ingests_over_the_redis_broker(redis_stack: Stack, s3_endpoin
         hits = c.search("a photo of a bag", collection="s3col", top_k=5).hits
         assert all(h.uri.startswith("s3://gallery/fmnist/img/") for h in hits)
         assert all(h.payload.fields["label"].string_value for h in hits)
+    # Each hit links to its image: a presigned GET URL that serves the object's bytes.
+    import urllib.request
+
+    from minio import Minio
+
+    raw = Minio(s3_endpoint, access_key="testing", secret_key="testing", secure=False)
+    for h in hits[:2]:
+        assert h.url.startswith(f"http://{s3_endpoint}/gallery/fmnist/img/"), h.url
+        assert "X-Amz-Signature=" in h.url
+        with urllib.request.urlopen(h.url, timeout=30) as resp:
+            body = resp.read()
+        key = h.uri.removeprefix("s3://gallery/")
+        assert body == raw.get_object("gallery", key).read()
 
 
 def test_missing_bucket_fails_the_job_with_the_reason(redis_stack: Stack) -> None:

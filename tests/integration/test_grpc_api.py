@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import socket
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 
 from imagine.client import TERMINAL_STATES, state_name
-from tests.conftest import Stack, make_gallery
+from tests.conftest import POISON_REASONS, Stack, make_gallery
 
 pytestmark = pytest.mark.integration
 N = 60
@@ -41,18 +42,20 @@ def test_ingest_embeds_good_images_and_lists_every_bad_one(stack: Stack, ingeste
     with stack.client() as c:
         job = c.list_jobs(ingested)[-1]  # the first job of this collection
         job = c.get_job(job.id)
-        assert (job.total, job.embedded, job.skipped, job.failed) == (N + 4, N, 0, 4)
+        bad = len(POISON_REASONS)
+        assert (job.total, job.embedded, job.skipped, job.failed) == (N + bad, N, 0, bad)
         reasons = {f.uri.rsplit("/", 1)[1]: f.reason for f in job.failures}
-        assert set(reasons) == {
-            "bad-truncated.png",
-            "bad-empty.png",
-            "bad-text.txt",
-            "bad-random.jpg",
-        }
-        assert "empty" in reasons["bad-empty.png"]
-        assert "truncated" in reasons["bad-truncated.png"]
-        assert "not an image" in reasons["bad-text.txt"]
+        assert set(reasons) == set(POISON_REASONS)
+        for name, word in POISON_REASONS.items():
+            assert word in reasons[name], (name, reasons[name])
         assert c.describe_collection(ingested).points_count == N
+        # Every failure is listable, page by page, and the job reports its throughput.
+        paged = [(f.uri, f.reason) for f in c.job_failures(job.id, page_size=2)]
+        assert paged == sorted((f.uri, f.reason) for f in job.failures)
+        assert job.finished_at > job.started_at and job.objects_per_second > 0
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.job_failures("no-such-job"))
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_second_ingestion_adds_no_point_and_reports_skips(
@@ -60,8 +63,27 @@ def test_second_ingestion_adds_no_point_and_reports_skips(
 ) -> None:
     with stack.client() as c:
         job = c.wait_job(c.create_ingest_job(str(gallery), ingested).id, timeout_s=300)
-        assert (job.embedded, job.skipped, job.failed) == (0, N, 4)
+        assert (job.embedded, job.skipped, job.failed) == (0, N, len(POISON_REASONS))
         assert c.describe_collection(ingested).points_count == N
+
+
+def test_sync_removes_the_points_of_objects_that_are_gone(stack: Stack, tmp_path: Path) -> None:
+    folder = make_gallery(tmp_path / "g", 12)
+    with stack.client() as c:
+        c.wait_job(c.create_ingest_job(str(folder), "synced", chunk_size=4).id, timeout_s=300)
+        for name in ("00002.png", "00007.png", "00011.png"):
+            (folder / name).unlink()
+        plain = c.wait_job(c.create_ingest_job(str(folder), "synced").id, timeout_s=300)
+        assert (plain.skipped, plain.removed) == (9, 0)  # without sync nothing is removed
+        assert c.describe_collection("synced").points_count == 12
+        job = c.create_ingest_job(str(folder), "synced", chunk_size=4, sync=True)
+        job = c.wait_job(job.id, timeout_s=300)
+        assert state_name(job.state) == "SUCCEEDED" and job.sync
+        assert (job.skipped, job.removed) == (9, 3)
+        assert c.describe_collection("synced").points_count == 9
+        hits = c.search("a bag", collection="synced", top_k=20).hits
+        keys = {h.uri.rsplit("/", 1)[1] for h in hits}
+        assert len(keys) == 9 and not keys & {"00002.png", "00007.png", "00011.png"}
 
 
 def test_changed_object_is_re_embedded_in_place(stack: Stack, tmp_path: Path) -> None:
@@ -80,7 +102,7 @@ def test_watch_streams_progress_until_the_job_ends(stack: Stack, gallery: Path) 
         states = [j for j in c.watch_job(job.id)]
     assert states[-1].state in TERMINAL_STATES
     done = [j.embedded + j.skipped + j.failed for j in states]
-    assert done == sorted(done) and done[-1] == N + 4
+    assert done == sorted(done) and done[-1] == N + len(POISON_REASONS)
 
 
 def test_search_returns_labelled_hits_and_honours_filters(stack: Stack, ingested: str) -> None:
@@ -90,6 +112,10 @@ def test_search_returns_labelled_hits_and_honours_filters(stack: Stack, ingested
         scores = [h.score for h in resp.hits]
         assert scores == sorted(scores, reverse=True)
         assert all(h.uri.startswith("file://") and "label" in h.payload.fields for h in resp.hits)
+        # A local gallery's hits link to the file itself.
+        first = resp.hits[0]
+        assert first.url.startswith("file:///")
+        assert Path(unquote(urlsplit(first.url).path)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert set(resp.timings_ms) >= {"encode_text", "search", "total"}
         flt = c.search("anything", collection=ingested, top_k=50, filters={"label": "Bag"})
         assert flt.hits and {h.payload.fields["label"].string_value for h in flt.hits} == {"Bag"}

@@ -485,6 +485,7 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
     "services": {
         "IMAGINE_QDRANT__TIMEOUT_S": "30 s suits an in-cluster Qdrant",
         "IMAGINE_STORAGE__REGION": "MinIO needs no region",
+        "IMAGINE_STORAGE__PRESIGN_TTL_S": "hit URLs valid for an hour",
         "IMAGINE_JOBS_URL": "not implemented: job records are SQLite under IMAGINE_DATA_DIR",
         "IMAGINE_DEFAULT_CHUNK_SIZE": "256; a job may ask for another chunk size",
         "IMAGINE_ENCODER_REPLICAS": "serveConfigV2 sets each deployment's replicas",
@@ -500,6 +501,7 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
     "worker": {
         "IMAGINE_QDRANT__TIMEOUT_S": "30 s suits an in-cluster Qdrant",
         "IMAGINE_STORAGE__REGION": "MinIO needs no region",
+        "IMAGINE_STORAGE__PRESIGN_TTL_S": "hit URLs are made by the ingress",
         "IMAGINE_JOBS_URL": "not implemented: job records are SQLite under IMAGINE_DATA_DIR",
         "IMAGINE_DEFAULT_CHUNK_SIZE": "the ingress decides a job's chunk size",
         "IMAGINE_MODEL": "the worker takes the model version from the encoders it calls",
@@ -525,6 +527,7 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
         "IMAGINE_DATA_DIR": "the job passes --output",
         "IMAGINE_GRPC_ADDRESS": "the trainer calls no service",
         "IMAGINE_STORAGE__REGION": "MinIO needs no region",
+        "IMAGINE_STORAGE__PRESIGN_TTL_S": "the trainer makes no URLs",
     },
 }
 # IMAGINE_* names the code reads from the environment outside the settings classes.

@@ -16,7 +16,7 @@ def store(tmp_path: Path) -> SqliteJobStore:
 
 def _running(store: SqliteJobStore, collection: str = "gallery") -> str:
     job = store.create(collection, "s3://bucket/prefix/", chunk_size=2)
-    store.start(job.id)
+    assert store.claim_listing(job.id, lease_s=300)
     return job.id
 
 
@@ -35,16 +35,23 @@ def test_create_is_queued_with_its_request(store: SqliteJobStore) -> None:
     assert store.get(job.id) == job
 
 
-def test_start_moves_queued_to_running_and_is_idempotent(store: SqliteJobStore) -> None:
+def test_claim_listing_moves_queued_to_running_once(store: SqliteJobStore) -> None:
     job = store.create("gallery", "s3://b/", 2)
 
-    started = store.start(job.id)
+    assert store.claim_listing(job.id, lease_s=300) is True
+    started = store.get(job.id)
     assert started.state is JobState.RUNNING
     assert started.started_at >= job.created_at
 
-    again = store.start(job.id)
-    assert again.state is JobState.RUNNING
-    assert again.started_at == started.started_at
+    # A duplicate job task while the lister is alive does nothing.
+    assert store.claim_listing(job.id, lease_s=300) is False
+    assert store.get(job.id).started_at == started.started_at
+    # A lister silent for longer than the lease is taken over.
+    assert store.claim_listing(job.id, lease_s=0) is True
+    assert store.get(job.id).state is JobState.RUNNING
+    # Once listed, nobody lists again.
+    store.set_listing(job.id, total=4, num_chunks=2)
+    assert store.claim_listing(job.id, lease_s=0) is False
 
 
 def test_record_chunk_counts_each_chunk_once(store: SqliteJobStore) -> None:
@@ -142,7 +149,8 @@ def test_cancel_of_running_job_is_final(store: SqliteJobStore) -> None:
     store.record_chunk(job_id, 1, 2, 0, [])
     assert store.get(job_id).state is JobState.CANCELLED
     # Nor can a retried job task restart it, or a later failure overwrite it.
-    assert store.start(job_id).state is JobState.CANCELLED
+    assert store.claim_listing(job_id, lease_s=0) is False
+    assert store.get(job_id).state is JobState.CANCELLED
     assert store.fail(job_id, "boom").state is JobState.CANCELLED
     assert store.get(job_id).error == "cancelled by request"
 
@@ -150,7 +158,8 @@ def test_cancel_of_running_job_is_final(store: SqliteJobStore) -> None:
 def test_cancel_of_queued_job(store: SqliteJobStore) -> None:
     job = store.create("gallery", "s3://b/", 2)
     assert store.cancel(job.id).state is JobState.CANCELLED
-    assert store.start(job.id).state is JobState.CANCELLED
+    assert store.claim_listing(job.id, lease_s=0) is False
+    assert store.get(job.id).state is JobState.CANCELLED
 
 
 def test_cancel_of_finished_job_keeps_its_state(store: SqliteJobStore) -> None:
@@ -175,7 +184,7 @@ def test_unknown_job_id_raises_job_not_found(store: SqliteJobStore) -> None:
     with pytest.raises(JobNotFound, match="nope"):
         store.get("nope")
     with pytest.raises(JobNotFound):
-        store.start("nope")
+        store.claim_listing("nope", lease_s=300)
     with pytest.raises(JobNotFound):
         store.cancel("nope")
     with pytest.raises(JobNotFound):
@@ -207,7 +216,7 @@ def test_two_stores_on_one_file_see_each_others_writes(tmp_path: Path) -> None:
     job = service.create("gallery", "s3://b/", 2)
     assert worker.get(job.id).state is JobState.QUEUED
 
-    worker.start(job.id)
+    assert worker.claim_listing(job.id, lease_s=300)
     worker.set_listing(job.id, total=2, num_chunks=1)
     assert service.get(job.id).state is JobState.RUNNING
 
@@ -230,3 +239,126 @@ def test_jobs_survive_reopening_the_store(tmp_path: Path) -> None:
 
     assert again.state is JobState.QUEUED
     assert again.metadata == {"k": "v"}
+
+
+def _items(n: int) -> list[list[str]]:
+    return [[f"k{i}.png", f"etag{i}", ""] for i in range(n)]
+
+
+def test_a_chunk_claimed_by_a_dead_worker_is_redelivered(store: SqliteJobStore) -> None:
+    job_id = _running(store)
+    store.add_chunk(job_id, 0, _items(2))
+    store.add_chunk(job_id, 1, _items(2))
+    store.set_listing(job_id, total=4, num_chunks=2)
+    assert store.claim_chunk(job_id, 0)
+    store.record_chunk(job_id, 0, 2, 0, [])
+    assert store.claim_chunk(job_id, 1)  # ... and its worker is SIGKILLed
+    t = store.get(job_id).started_at
+
+    assert store.due(lease_s=60, max_attempts=3, now=t + 30) == []  # still within its lease
+    again = store.due(lease_s=60, max_attempts=3, now=t + 120)
+    assert [(r.job_id, r.chunk, r.items) for r in again] == [(job_id, 1, _items(2))]
+    assert store.due(lease_s=60, max_attempts=3, now=t + 121) == []  # queued once, not twice
+
+    # A counted chunk is never claimed again: its duplicate message is dropped.
+    assert store.claim_chunk(job_id, 0) is False
+    assert store.claim_chunk(job_id, 1) is True
+    store.record_chunk(job_id, 1, 2, 0, [])
+    assert store.get(job_id).state is JobState.SUCCEEDED
+    assert store.due(lease_s=60, max_attempts=3, now=t + 10_000) == []
+
+
+def test_a_chunk_lost_too_often_fails_its_job_with_the_reason(store: SqliteJobStore) -> None:
+    job_id = _running(store)
+    store.add_chunk(job_id, 0, _items(1))
+    store.set_listing(job_id, total=1, num_chunks=1)
+    t = store.get(job_id).started_at
+    for attempt in range(2):
+        assert store.claim_chunk(job_id, 0)
+        now = t + 100 * (attempt + 1) + 1000
+        assert [r.chunk for r in store.due(lease_s=60, max_attempts=3, now=now)] == [0]
+    assert store.claim_chunk(job_id, 0)
+    assert store.due(lease_s=60, max_attempts=3, now=t + 5000) == []
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED
+    assert "chunk 0 was lost 3 times" in job.error
+
+
+def test_messages_the_broker_lost_are_queued_again_only_when_nothing_moves(
+    store: SqliteJobStore,
+) -> None:
+    queued = store.create("gallery", "s3://b/", 2)  # its job task was lost
+    job_id = _running(store)
+    store.add_chunk(job_id, 0, _items(2))  # queued, never claimed: lost or waiting?
+    store.add_chunk(job_id, 1, _items(2))
+    store.set_listing(job_id, total=4, num_chunks=2)
+    t = store.get(job_id).started_at
+
+    # Workers keep making progress: unclaimed chunks are a backlog, not a loss.
+    assert store.claim_chunk(job_id, 1)
+    assert store.due(lease_s=60, max_attempts=3, now=t + 50) == []
+    store.record_chunk(job_id, 1, 2, 0, [])
+
+    # Nothing moved for a lease: the broker lost them.
+    again = store.due(lease_s=60, max_attempts=3, now=t + 1000)
+    assert {(r.job_id, r.chunk) for r in again} == {(job_id, 0), (queued.id, None)}
+    assert store.due(lease_s=60, max_attempts=3, now=t + 1001) == []
+    # Losses in the broker do not count against the chunk.
+    assert store.claim_chunk(job_id, 0)
+    store.record_chunk(job_id, 0, 2, 0, [])
+    assert store.get(job_id).state is JobState.SUCCEEDED
+
+
+def test_a_lister_that_died_is_queued_again_and_its_task_takes_over(
+    store: SqliteJobStore,
+) -> None:
+    job_id = _running(store)  # listing claimed, then its worker died
+    t = store.get(job_id).started_at
+    [again] = store.due(lease_s=60, max_attempts=3, now=t + 1000)
+    assert (again.job_id, again.chunk) == (job_id, None)
+    assert store.due(lease_s=60, max_attempts=3, now=t + 1001) == []  # not every poll
+    # The re-queue is not a sign of life of the dead lister: the task it queued lists.
+    assert store.claim_listing(job_id, lease_s=0) is True
+
+
+def test_a_failed_lister_releases_the_listing_for_its_retry(store: SqliteJobStore) -> None:
+    job_id = _running(store)
+    assert store.claim_listing(job_id, lease_s=300) is False  # alive: a duplicate waits
+    store.release_listing(job_id)  # it failed on a transient error and will be retried
+    assert store.claim_listing(job_id, lease_s=300) is True
+
+
+def test_cancel_drops_the_outbox(store: SqliteJobStore) -> None:
+    job_id = _running(store)
+    store.add_chunk(job_id, 0, _items(2))
+    assert store.claim_chunk(job_id, 0)
+    store.cancel(job_id)
+    t = store.get(job_id).finished_at
+    assert store.due(lease_s=1, max_attempts=3, now=t + 100) == []
+
+
+def test_older_job_files_are_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, collection TEXT NOT NULL, source TEXT NOT NULL, "
+        "state TEXT NOT NULL, model_version TEXT NOT NULL DEFAULT '', chunk_size INTEGER NOT NULL, "
+        "metadata TEXT NOT NULL, total INTEGER NOT NULL DEFAULT 0, embedded INTEGER NOT NULL "
+        "DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, "
+        "listing_done INTEGER NOT NULL DEFAULT 0, num_chunks INTEGER NOT NULL DEFAULT 0, "
+        "chunks_done INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '', "
+        "created_at REAL NOT NULL, started_at REAL NOT NULL DEFAULT 0, "
+        "finished_at REAL NOT NULL DEFAULT 0)"
+    )
+    db.execute(
+        "INSERT INTO jobs (id, collection, source, state, chunk_size, metadata, created_at) "
+        "VALUES ('old1', 'g', '/data', 'SUCCEEDED', 8, '{}', 1.0)"
+    )
+    db.commit()
+    db.close()
+    store = SqliteJobStore(path)
+    assert store.get("old1").state is JobState.SUCCEEDED
+    job = store.create("g", "/data", 8)
+    assert store.claim_listing(job.id, lease_s=300)

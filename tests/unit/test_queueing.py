@@ -51,6 +51,6 @@ def test_a_polling_consumer_never_sees_a_half_written_message(tmp_path: Path) ->
         stop.set()
         t.join()
     assert seen and all(blob.startswith(b"{") and blob.endswith(b"}") for blob in seen)
-    with app.connection_for_read() as conn, conn.SimpleQueue("celery") as q:
+    with app.connection_for_read() as conn, conn.SimpleQueue(ServiceSettings().task_queue) as q:
         got = sorted(q.get(timeout=5).payload[0][1] for _ in range(200))
     assert got == list(range(200))

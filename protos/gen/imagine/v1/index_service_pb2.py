@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from protos.gen.imagine.v1 import common_pb2 as imagine_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eimagine/v1/index_service.proto\x12\nimagine.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17imagine/v1/common.proto\"\xb7\x01\n\x17\x45nsureCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x41\n\x07vectors\x18\x02 \x03(\x0b\x32\x30.imagine.v1.EnsureCollectionRequest.VectorsEntry\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x1a.\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x1a\n\x18\x45nsureCollectionResponse\"2\n\x0fGetEtagsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"x\n\x10GetEtagsResponse\x12\x36\n\x05\x65tags\x18\x01 \x03(\x0b\x32\'.imagine.v1.GetEtagsResponse.EtagsEntry\x1a,\n\nEtagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x05Point\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x07vectors\x18\x02 \x03(\x0b\x32\x1e.imagine.v1.Point.VectorsEntry\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x42\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.imagine.v1.Vector:\x02\x38\x01\"L\n\x13UpsertPointsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12!\n\x06points\x18\x02 \x03(\x0b\x32\x11.imagine.v1.Point\"\x16\n\x14UpsertPointsResponse2\x87\x02\n\x0cIndexService\x12]\n\x10\x45nsureCollection\x12#.imagine.v1.EnsureCollectionRequest\x1a$.imagine.v1.EnsureCollectionResponse\x12\x45\n\x08GetEtags\x12\x1b.imagine.v1.GetEtagsRequest\x1a\x1c.imagine.v1.GetEtagsResponse\x12Q\n\x0cUpsertPoints\x12\x1f.imagine.v1.UpsertPointsRequest\x1a .imagine.v1.UpsertPointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eimagine/v1/index_service.proto\x12\nimagine.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17imagine/v1/common.proto\"\xb7\x01\n\x17\x45nsureCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x41\n\x07vectors\x18\x02 \x03(\x0b\x32\x30.imagine.v1.EnsureCollectionRequest.VectorsEntry\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x1a.\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x1a\n\x18\x45nsureCollectionResponse\"2\n\x0fGetEtagsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"x\n\x10GetEtagsResponse\x12\x36\n\x05\x65tags\x18\x01 \x03(\x0b\x32\'.imagine.v1.GetEtagsResponse.EtagsEntry\x1a,\n\nEtagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x05Point\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x07vectors\x18\x02 \x03(\x0b\x32\x1e.imagine.v1.Point.VectorsEntry\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x42\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.imagine.v1.Vector:\x02\x38\x01\"L\n\x13UpsertPointsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12!\n\x06points\x18\x02 \x03(\x0b\x32\x11.imagine.v1.Point\"\x16\n\x14UpsertPointsResponse\"d\n\x17ListSourcePointsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\"@\n\x18ListSourcePointsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x13\x44\x65letePointsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"\x16\n\x14\x44\x65letePointsResponse2\xb9\x03\n\x0cIndexService\x12]\n\x10\x45nsureCollection\x12#.imagine.v1.EnsureCollectionRequest\x1a$.imagine.v1.EnsureCollectionResponse\x12\x45\n\x08GetEtags\x12\x1b.imagine.v1.GetEtagsRequest\x1a\x1c.imagine.v1.GetEtagsResponse\x12Q\n\x0cUpsertPoints\x12\x1f.imagine.v1.UpsertPointsRequest\x1a .imagine.v1.UpsertPointsResponse\x12]\n\x10ListSourcePoints\x12#.imagine.v1.ListSourcePointsRequest\x1a$.imagine.v1.ListSourcePointsResponse\x12Q\n\x0c\x44\x65letePoints\x12\x1f.imagine.v1.DeletePointsRequest\x1a .imagine.v1.DeletePointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,6 +59,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTPOINTSREQUEST']._serialized_end=746
   _globals['_UPSERTPOINTSRESPONSE']._serialized_start=748
   _globals['_UPSERTPOINTSRESPONSE']._serialized_end=770
-  _globals['_INDEXSERVICE']._serialized_start=773
-  _globals['_INDEXSERVICE']._serialized_end=1036
+  _globals['_LISTSOURCEPOINTSREQUEST']._serialized_start=772
+  _globals['_LISTSOURCEPOINTSREQUEST']._serialized_end=872
+  _globals['_LISTSOURCEPOINTSRESPONSE']._serialized_start=874
+  _globals['_LISTSOURCEPOINTSRESPONSE']._serialized_end=938
+  _globals['_DELETEPOINTSREQUEST']._serialized_start=940
+  _globals['_DELETEPOINTSREQUEST']._serialized_end=994
+  _globals['_DELETEPOINTSRESPONSE']._serialized_start=996
+  _globals['_DELETEPOINTSRESPONSE']._serialized_end=1018
+  _globals['_INDEXSERVICE']._serialized_start=1021
+  _globals['_INDEXSERVICE']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)

@@ -78,3 +78,35 @@ class UpsertPointsRequest(_message.Message):
 class UpsertPointsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListSourcePointsRequest(_message.Message):
+    __slots__ = ("collection", "source", "page_token", "page_size")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    source: str
+    page_token: str
+    page_size: int
+    def __init__(self, collection: _Optional[str] = ..., source: _Optional[str] = ..., page_token: _Optional[str] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class ListSourcePointsResponse(_message.Message):
+    __slots__ = ("ids", "next_page_token")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    next_page_token: str
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeletePointsRequest(_message.Message):
+    __slots__ = ("collection", "ids")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeletePointsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -52,6 +52,16 @@ class IndexServiceStub:
                 request_serializer=imagine_dot_v1_dot_index__service__pb2.UpsertPointsRequest.SerializeToString,
                 response_deserializer=imagine_dot_v1_dot_index__service__pb2.UpsertPointsResponse.FromString,
                 _registered_method=True)
+        self.ListSourcePoints = channel.unary_unary(
+                '/imagine.v1.IndexService/ListSourcePoints',
+                request_serializer=imagine_dot_v1_dot_index__service__pb2.ListSourcePointsRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_index__service__pb2.ListSourcePointsResponse.FromString,
+                _registered_method=True)
+        self.DeletePoints = channel.unary_unary(
+                '/imagine.v1.IndexService/DeletePoints',
+                request_serializer=imagine_dot_v1_dot_index__service__pb2.DeletePointsRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_index__service__pb2.DeletePointsResponse.FromString,
+                _registered_method=True)
 
 
 class IndexServiceServicer:
@@ -78,6 +88,19 @@ class IndexServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSourcePoints(self, request, context):
+        """The ids of the points ingested from one source, a page at a time (sync mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +118,16 @@ def add_IndexServiceServicer_to_server(servicer, server):
                     servicer.UpsertPoints,
                     request_deserializer=imagine_dot_v1_dot_index__service__pb2.UpsertPointsRequest.FromString,
                     response_serializer=imagine_dot_v1_dot_index__service__pb2.UpsertPointsResponse.SerializeToString,
+            ),
+            'ListSourcePoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSourcePoints,
+                    request_deserializer=imagine_dot_v1_dot_index__service__pb2.ListSourcePointsRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_index__service__pb2.ListSourcePointsResponse.SerializeToString,
+            ),
+            'DeletePoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePoints,
+                    request_deserializer=imagine_dot_v1_dot_index__service__pb2.DeletePointsRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_index__service__pb2.DeletePointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +214,60 @@ class IndexService:
             '/imagine.v1.IndexService/UpsertPoints',
             imagine_dot_v1_dot_index__service__pb2.UpsertPointsRequest.SerializeToString,
             imagine_dot_v1_dot_index__service__pb2.UpsertPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSourcePoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.IndexService/ListSourcePoints',
+            imagine_dot_v1_dot_index__service__pb2.ListSourcePointsRequest.SerializeToString,
+            imagine_dot_v1_dot_index__service__pb2.ListSourcePointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.IndexService/DeletePoints',
+            imagine_dot_v1_dot_index__service__pb2.DeletePointsRequest.SerializeToString,
+            imagine_dot_v1_dot_index__service__pb2.DeletePointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,7 @@ class ObjectFailure(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IngestJob(_message.Message):
-    __slots__ = ("id", "collection", "source", "state", "total", "embedded", "skipped", "failed", "listing_done", "error", "model_version", "created_at", "started_at", "finished_at", "failures")
+    __slots__ = ("id", "collection", "source", "state", "total", "embedded", "skipped", "failed", "listing_done", "error", "model_version", "created_at", "started_at", "finished_at", "failures", "sync", "removed", "objects_per_second")
     ID_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,9 @@ class IngestJob(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     id: str
     collection: str
     source: str
@@ -64,10 +67,13 @@ class IngestJob(_message.Message):
     started_at: float
     finished_at: float
     failures: _containers.RepeatedCompositeFieldContainer[ObjectFailure]
-    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., embedded: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., listing_done: _Optional[bool] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failures: _Optional[_Iterable[_Union[ObjectFailure, _Mapping]]] = ...) -> None: ...
+    sync: bool
+    removed: int
+    objects_per_second: float
+    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., embedded: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., listing_done: _Optional[bool] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failures: _Optional[_Iterable[_Union[ObjectFailure, _Mapping]]] = ..., sync: _Optional[bool] = ..., removed: _Optional[int] = ..., objects_per_second: _Optional[float] = ...) -> None: ...
 
 class CreateIngestJobRequest(_message.Message):
-    __slots__ = ("source", "collection", "metadata", "chunk_size")
+    __slots__ = ("source", "collection", "metadata", "chunk_size", "sync")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,11 +85,13 @@ class CreateIngestJobRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
     source: str
     collection: str
     metadata: _containers.ScalarMap[str, str]
     chunk_size: int
-    def __init__(self, source: _Optional[str] = ..., collection: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    sync: bool
+    def __init__(self, source: _Optional[str] = ..., collection: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., sync: _Optional[bool] = ...) -> None: ...
 
 class CreateIngestJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -140,3 +148,21 @@ class ListIngestJobsResponse(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[IngestJob]
     def __init__(self, jobs: _Optional[_Iterable[_Union[IngestJob, _Mapping]]] = ...) -> None: ...
+
+class ListIngestJobFailuresRequest(_message.Message):
+    __slots__ = ("id", "page_size", "page_token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    page_size: int
+    page_token: str
+    def __init__(self, id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListIngestJobFailuresResponse(_message.Message):
+    __slots__ = ("failures", "next_page_token")
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    failures: _containers.RepeatedCompositeFieldContainer[ObjectFailure]
+    next_page_token: str
+    def __init__(self, failures: _Optional[_Iterable[_Union[ObjectFailure, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

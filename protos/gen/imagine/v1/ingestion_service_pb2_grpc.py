@@ -60,6 +60,11 @@ class IngestionServiceStub:
                 request_serializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobsRequest.SerializeToString,
                 response_deserializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobsResponse.FromString,
                 _registered_method=True)
+        self.ListIngestJobFailures = channel.unary_unary(
+                '/imagine.v1.IngestionService/ListIngestJobFailures',
+                request_serializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobFailuresRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobFailuresResponse.FromString,
+                _registered_method=True)
 
 
 class IngestionServiceServicer:
@@ -98,6 +103,13 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIngestJobFailures(self, request, context):
+        """Every per-object failure of a job with its reason, a page at a time (by uri).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.ListIngestJobs,
                     request_deserializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobsRequest.FromString,
                     response_serializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobsResponse.SerializeToString,
+            ),
+            'ListIngestJobFailures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIngestJobFailures,
+                    request_deserializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobFailuresRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobFailuresResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class IngestionService:
             '/imagine.v1.IngestionService/ListIngestJobs',
             imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobsRequest.SerializeToString,
             imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIngestJobFailures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.IngestionService/ListIngestJobFailures',
+            imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobFailuresRequest.SerializeToString,
+            imagine_dot_v1_dot_ingestion__service__pb2.ListIngestJobFailuresResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,7 +73,7 @@ class SearchRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., path_weights: _Optional[_Mapping[str, float]] = ..., num_generated: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., explain: _Optional[bool] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "path_scores", "uri", "payload")
+    __slots__ = ("id", "score", "path_scores", "uri", "payload", "url")
     class PathScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,12 +86,14 @@ class SearchHit(_message.Message):
     PATH_SCORES_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     path_scores: _containers.ScalarMap[str, float]
     uri: str
     payload: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., path_scores: _Optional[_Mapping[str, float]] = ..., uri: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    url: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., path_scores: _Optional[_Mapping[str, float]] = ..., uri: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., url: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "model_version", "timings_ms", "generated_images", "weights", "cache_hit")
