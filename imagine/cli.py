@@ -214,9 +214,23 @@ def cmd_collections(args: argparse.Namespace) -> int:
             c.delete_collection(args.delete)
             print(f"deleted {args.delete}")
             return 0
+        if args.alias:
+            alias, sep, target = args.alias.partition("=")
+            if not sep or not alias or not target:
+                raise SystemExit("--alias takes ALIAS=COLLECTION")
+            c.set_alias(alias, target)
+            print(f"{alias} -> {target}")
+            return 0
+        if args.delete_alias:
+            c.delete_alias(args.delete_alias)
+            print(f"deleted alias {args.delete_alias}")
+            return 0
         for col in c.list_collections():
             vecs = ", ".join(f"{v.name}[{v.size}]" for v in col.vectors)
-            print(f"{col.name:<24} {col.points_count:>8} points  {col.model_version}  {vecs}")
+            aliases = f"  (aliases: {', '.join(col.aliases)})" if col.aliases else ""
+            print(
+                f"{col.name:<24} {col.points_count:>8} points  {col.model_version}  {vecs}{aliases}"
+            )
     return 0
 
 
@@ -292,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_search)
 
-    s = sub.add_parser("collections", help="list collections (or delete one)")
+    s = sub.add_parser("collections", help="list collections and aliases, delete, switch aliases")
     s.add_argument("--delete", metavar="NAME")
+    s.add_argument("--alias", metavar="ALIAS=COLLECTION", help="point an alias at a collection")
+    s.add_argument("--delete-alias", metavar="ALIAS")
     s.set_defaults(fn=cmd_collections)
 
     s = sub.add_parser("eval", help="category mAP and P@10 of a labelled collection over gRPC")

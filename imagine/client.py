@@ -177,6 +177,20 @@ class ImagineClient:
         req = col_pb.DeleteCollectionRequest(name=name)
         self.collections.DeleteCollection(req, timeout=self.timeout_s)
 
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point ``alias`` at ``collection`` (atomically replacing its previous target)."""
+        req = col_pb.UpdateAliasRequest(alias=alias, collection=collection)
+        self.collections.UpdateAlias(req, timeout=self.timeout_s)
+
+    def delete_alias(self, alias: str) -> None:
+        req = col_pb.DeleteAliasRequest(alias=alias)
+        self.collections.DeleteAlias(req, timeout=self.timeout_s)
+
+    def list_aliases(self) -> dict[str, str]:
+        """alias -> collection."""
+        resp = self.collections.ListAliases(col_pb.ListAliasesRequest(), timeout=self.timeout_s)
+        return {a.alias: a.collection for a in resp.aliases}
+
     # -- models ---------------------------------------------------------------------------------
     def encode_text(self, texts: list[str]) -> tuple[list[list[float]], str]:
         resp = self.models.EncodeText(mod_pb.EncodeTextRequest(texts=texts), timeout=self.timeout_s)

@@ -29,6 +29,9 @@ class QdrantSettings(BaseModel):
     url: str | None = None
     api_key: str | None = None
     timeout_s: float = 30.0
+    # Layout of the collections we create on a Qdrant cluster (None: the server's default).
+    shard_number: int | None = None
+    replication_factor: int | None = None
 
 
 class StorageSettings(BaseModel):

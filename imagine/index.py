@@ -114,6 +114,11 @@ class CollectionInfo:
     model_version: str
     points_count: int
     vectors: dict[str, int] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)  # alias names that point at it
+
+
+class AliasError(IndexError_):
+    """An alias that would shadow a collection, or point at no collection."""
 
 
 class PointStore(Protocol):
@@ -142,6 +147,12 @@ class VectorIndex(PointStore, Protocol):
 
     def delete_collection(self, name: str) -> bool: ...
 
+    def aliases(self) -> dict[str, str]: ...
+
+    def set_alias(self, alias: str, collection: str) -> None: ...
+
+    def delete_alias(self, alias: str) -> bool: ...
+
     def search(
         self,
         name: str,
@@ -158,8 +169,11 @@ class VectorIndex(PointStore, Protocol):
 class QdrantIndex:
     """The Qdrant adapter: ``QdrantIndex.embedded(path)`` or ``QdrantIndex.remote(url)``."""
 
-    def __init__(self, client: Any, payload_indexes: bool = True) -> None:
+    def __init__(
+        self, client: Any, payload_indexes: bool = True, layout: Mapping[str, int] | None = None
+    ) -> None:
         self._client = client
+        self._layout = dict(layout or {})  # shard_number / replication_factor of new collections
         self._payload_indexes = payload_indexes  # local mode filters by scanning instead
         # qdrant-client local mode is not thread-safe; a server client is, but a lock is cheap.
         self._lock = threading.RLock()
@@ -194,11 +208,32 @@ class QdrantIndex:
                 persistence._imagine_tuned = True
 
     @classmethod
-    def remote(cls, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> QdrantIndex:
+    def remote(
+        cls,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
+    ) -> QdrantIndex:
         from qdrant_client import QdrantClient
 
         client = QdrantClient(url=url, api_key=api_key, timeout=max(1, int(timeout_s)))
-        return cls(_Translated(client))
+        layout = {"shard_number": shard_number, "replication_factor": replication_factor}
+        return cls(_Translated(client), layout={k: v for k, v in layout.items() if v})
+
+    @classmethod
+    def from_settings(cls, qdrant: Any, embedded_path: Path | str) -> QdrantIndex:
+        """The server named by ``qdrant.url`` (a ``QdrantSettings``), else embedded."""
+        if qdrant.url:
+            return cls.remote(
+                qdrant.url,
+                qdrant.api_key,
+                qdrant.timeout_s,
+                qdrant.shard_number,
+                qdrant.replication_factor,
+            )
+        return cls.embedded(embedded_path)
 
     def close(self) -> None:
         with self._lock:
@@ -209,7 +244,8 @@ class QdrantIndex:
         from qdrant_client import models
 
         with self._lock:
-            if self._client.collection_exists(name):
+            name = self._aliases().get(name, name)
+            if self._is_collection(name):
                 info = self.describe(name)
                 if info.model_version != model_version:
                     raise ModelVersionMismatch(
@@ -231,23 +267,26 @@ class QdrantIndex:
                     for k, v in vectors.items()
                 },
                 metadata={"model_version": model_version},
+                **self._layout,
             )
             for fld in INDEXED_FIELDS if self._payload_indexes else ():
                 self._client.create_payload_index(name, fld, models.PayloadSchemaType.KEYWORD)
             self._tune_local_storage()
 
     def describe(self, name: str) -> CollectionInfo:
+        """The collection ``name`` names (directly or through an alias)."""
         with self._lock:
-            if not self._client.collection_exists(name):
-                raise CollectionNotFound(f"collection {name!r} not found")
+            name = self._require(name)
             info = self._client.get_collection(name)
             count = self._client.count(name, exact=True).count
+            aliases = sorted(a for a, c in self._aliases().items() if c == name)
         params = info.config.params.vectors or {}
         return CollectionInfo(
             name=name,
             model_version=str((info.config.metadata or {}).get("model_version", "")),
             points_count=int(count),
             vectors={k: int(v.size) for k, v in params.items()},
+            aliases=aliases,
         )
 
     def list_collections(self) -> list[CollectionInfo]:
@@ -256,17 +295,71 @@ class QdrantIndex:
         return [self.describe(n) for n in names]
 
     def delete_collection(self, name: str) -> bool:
+        """Delete a collection (by its own name, not an alias) and the aliases pointing at it."""
+        from qdrant_client import models
+
         with self._lock:
-            if not self._client.collection_exists(name):
+            if not self._is_collection(name):
+                if name in self._aliases():
+                    raise AliasError(
+                        f"{name!r} is an alias; delete the alias, or the collection by its name"
+                    )
                 return False
+            ops = [
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=a))
+                for a, c in self._aliases().items()
+                if c == name
+            ]
+            if ops:
+                self._client.update_collection_aliases(change_aliases_operations=ops)
             return bool(self._client.delete_collection(name))
+
+    # -- aliases: a stable name for clients while the collection behind it changes ----------
+    def _aliases(self) -> dict[str, str]:
+        return {a.alias_name: a.collection_name for a in self._client.get_aliases().aliases}
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> collection."""
+        with self._lock:
+            return self._aliases()
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point ``alias`` at ``collection``, atomically replacing where it pointed before."""
+        from qdrant_client import models
+
+        with self._lock:
+            if self._is_collection(alias):
+                raise AliasError(f"{alias!r} is a collection; an alias cannot shadow it")
+            if not self._is_collection(collection):
+                raise CollectionNotFound(f"collection {collection!r} not found")
+            ops: list[Any] = []
+            if alias in self._aliases():
+                ops.append(
+                    models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+                )
+            ops.append(
+                models.CreateAliasOperation(
+                    create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+                )
+            )
+            self._client.update_collection_aliases(change_aliases_operations=ops)
+
+    def delete_alias(self, alias: str) -> bool:
+        from qdrant_client import models
+
+        with self._lock:
+            if alias not in self._aliases():
+                return False
+            op = models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+            self._client.update_collection_aliases(change_aliases_operations=[op])
+            return True
 
     # -- points ---------------------------------------------------------------------------------
     def get_etags(self, name: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:
             return {}
         with self._lock:
-            self._require(name)
+            name = self._require(name)
             records = self._client.retrieve(
                 name, ids=list(ids), with_payload=["etag"], with_vectors=False
             )
@@ -288,7 +381,7 @@ class QdrantIndex:
             for p in points
         ]
         with self._lock:
-            self._require(name)
+            name = self._require(name)
             self._client.upsert(name, points=structs, wait=True)
 
     def source_ids(
@@ -300,7 +393,7 @@ class QdrantIndex:
             must=[models.FieldCondition(key="source", match=models.MatchValue(value=source))]
         )
         with self._lock:
-            self._require(name)
+            name = self._require(name)
             records, nxt = self._client.scroll(
                 name,
                 scroll_filter=flt,
@@ -317,7 +410,7 @@ class QdrantIndex:
         if not ids:
             return
         with self._lock:
-            self._require(name)
+            name = self._require(name)
             self._client.delete(
                 name, points_selector=models.PointIdsList(points=list(ids)), wait=True
             )
@@ -350,7 +443,7 @@ class QdrantIndex:
         single = len(paths) == 1
         pool = limit if single else max(candidates, limit)
         with self._lock:
-            self._require(name)
+            name = self._require(name)
             responses = self._client.query_batch_points(
                 name,
                 requests=[
@@ -429,9 +522,19 @@ class QdrantIndex:
             for i in order
         ]
 
-    def _require(self, name: str) -> None:
-        if not self._client.collection_exists(name):
+    def _is_collection(self, name: str) -> bool:
+        """A collection of that very name (local mode's ``collection_exists`` also says yes
+        for an alias)."""
+        return name in {c.name for c in self._client.get_collections().collections}
+
+    def _require(self, name: str) -> str:
+        """The collection's own name (resolving an alias); CollectionNotFound if there is none."""
+        if self._is_collection(name):
+            return name
+        target = self._aliases().get(name)
+        if target is None or not self._is_collection(target):
             raise CollectionNotFound(f"collection {name!r} not found")
+        return target
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -112,11 +112,7 @@ async def redeliver_forever(
 
 
 def open_index(settings: ServiceSettings) -> QdrantIndex:
-    if settings.qdrant.url:
-        return QdrantIndex.remote(
-            settings.qdrant.url, settings.qdrant.api_key, settings.qdrant.timeout_s
-        )
-    return QdrantIndex.embedded(settings.qdrant_path)
+    return QdrantIndex.from_settings(settings.qdrant, settings.qdrant_path)
 
 
 @serve.deployment(name="Ingress", num_replicas=1)

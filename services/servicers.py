@@ -23,6 +23,7 @@ from google.protobuf import json_format, struct_pb2
 from imagine.config import StorageSettings
 from imagine.fusion import FusionError
 from imagine.index import (
+    AliasError,
     CollectionInfo,
     CollectionNotFound,
     IndexUnavailable,
@@ -138,7 +139,7 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, CollectionNotFound | JobNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")
-    if isinstance(exc, ModelVersionMismatch):
+    if isinstance(exc, ModelVersionMismatch | AliasError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, IndexUnavailable | ConnectionError):
         return grpc.StatusCode.UNAVAILABLE, f"a dependency is unavailable, retry later: {exc}"
@@ -274,6 +275,7 @@ def _collection_pb(info: CollectionInfo) -> Any:
         model_version=info.model_version,
         points_count=info.points_count,
         vectors=[col_pb.NamedVector(name=k, size=v) for k, v in sorted(info.vectors.items())],
+        aliases=info.aliases,
     )
 
 
@@ -306,6 +308,27 @@ class CollectionServicer(col_grpc.CollectionServiceServicer):
         if not await asyncio.to_thread(self.b.index.delete_collection, name):
             raise CollectionNotFound(f"collection {name!r} not found")
         return col_pb.DeleteCollectionResponse()
+
+    @rpc
+    async def UpdateAlias(self, request: Any, context: Any) -> Any:
+        alias = check_collection(request.alias)
+        target = check_collection(request.collection)
+        await asyncio.to_thread(self.b.index.set_alias, alias, target)
+        return col_pb.UpdateAliasResponse(alias=col_pb.Alias(alias=alias, collection=target))
+
+    @rpc
+    async def DeleteAlias(self, request: Any, context: Any) -> Any:
+        alias = check_collection(request.alias)
+        if not await asyncio.to_thread(self.b.index.delete_alias, alias):
+            raise CollectionNotFound(f"alias {alias!r} not found")
+        return col_pb.DeleteAliasResponse()
+
+    @rpc
+    async def ListAliases(self, request: Any, context: Any) -> Any:
+        aliases = await asyncio.to_thread(self.b.index.aliases)
+        return col_pb.ListAliasesResponse(
+            aliases=[col_pb.Alias(alias=a, collection=c) for a, c in sorted(aliases.items())]
+        )
 
 
 # -- ingestion --------------------------------------------------------------------------------
@@ -373,6 +396,8 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
         if chunk > 10_000:
             raise BadRequest(f"chunk_size {chunk} exceeds the limit of 10000")
         await asyncio.to_thread(b.index.ensure_collection, name, b.vectors, b.model_version)
+        # An alias is resolved once: the job fills the collection it named at creation.
+        name = (await asyncio.to_thread(b.index.describe, name)).name
         job = await asyncio.to_thread(
             b.jobs.create,
             name,

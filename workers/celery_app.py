@@ -52,7 +52,7 @@ class _Context:
         client = ImagineClient(s.grpc_address, timeout_s=300)
         index: PointStore
         if s.qdrant.url:
-            index = QdrantIndex.remote(s.qdrant.url, s.qdrant.api_key, s.qdrant.timeout_s)
+            index = QdrantIndex.from_settings(s.qdrant, s.qdrant_path)
         else:
             index = RemoteIndex(client.channel)
         return IngestContext(

@@ -86,6 +86,37 @@ def test_sync_removes_the_points_of_objects_that_are_gone(stack: Stack, tmp_path
         assert len(keys) == 9 and not keys & {"00002.png", "00007.png", "00011.png"}
 
 
+def test_an_alias_switches_searches_to_a_new_collection(stack: Stack, tmp_path: Path) -> None:
+    old, new = make_gallery(tmp_path / "old", 4), make_gallery(tmp_path / "new", 6)
+    with stack.client() as c:
+        c.wait_job(c.create_ingest_job(str(old), "shop-v1").id, timeout_s=300)
+        c.set_alias("shop", "shop-v1")
+        assert len(c.search("a bag", collection="shop", top_k=20).hits) == 4
+        # Ingest the next version beside it, then switch: clients keep using "shop".
+        job = c.wait_job(c.create_ingest_job(str(new), "shop-v2").id, timeout_s=300)
+        assert job.collection == "shop-v2"
+        c.set_alias("shop", "shop-v2")
+        assert len(c.search("a bag", collection="shop", top_k=20).hits) == 6
+        assert c.list_aliases()["shop"] == "shop-v2"
+        described = c.describe_collection("shop")
+        assert (described.name, list(described.aliases)) == ("shop-v2", ["shop"])
+        # A job created through the alias fills the collection behind it.
+        again = c.wait_job(c.create_ingest_job(str(new), "shop").id, timeout_s=300)
+        assert (again.collection, again.skipped) == ("shop-v2", 6)
+        for bad, code in (
+            (lambda: c.set_alias("shop-v1", "shop-v2"), grpc.StatusCode.FAILED_PRECONDITION),
+            (lambda: c.set_alias("other", "missing"), grpc.StatusCode.NOT_FOUND),
+            (lambda: c.delete_alias("missing"), grpc.StatusCode.NOT_FOUND),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                bad()
+            assert err.value.code() is code
+        c.delete_alias("shop")
+        with pytest.raises(grpc.RpcError) as err:
+            c.search("a bag", collection="shop", top_k=3)
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
+
+
 def test_changed_object_is_re_embedded_in_place(stack: Stack, tmp_path: Path) -> None:
     folder = make_gallery(tmp_path / "g", 5)
     with stack.client() as c:

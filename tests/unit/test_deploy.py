@@ -1048,3 +1048,30 @@ def test_s3sync_copies_a_checkpoint_and_fetches_models_only_into_the_models_dir(
     assert "nothing to fetch" in s3sync.fetch_model(baked, models, str(store), storage)
     with pytest.raises(s3sync.ObjectNotFound):
         s3sync.fetch_model(f"local-dir:{models}/missing", models, str(store), storage)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_collections_are_laid_out_over_the_qdrant_peers(stack: str) -> None:
+    """The services and workers create collections with one shard per Qdrant peer and at most
+    as many copies as there are peers (QdrantSettings.shard_number / replication_factor)."""
+    docs = render(stack)
+    peers = one(docs, "StatefulSet", "qdrant")["spec"]["replicas"]
+
+    def layout(container: dict[str, Any]) -> tuple[int, int]:
+        data: dict[str, str] = {}
+        for src in container.get("envFrom", []):
+            if "configMapRef" in src:
+                data.update(one(docs, "ConfigMap", src["configMapRef"]["name"]).get("data", {}))
+        return int(data["IMAGINE_QDRANT__SHARD_NUMBER"]), int(
+            data["IMAGINE_QDRANT__REPLICATION_FACTOR"]
+        )
+
+    worker = one(docs, "Deployment", "imagine-worker")["spec"]["template"]["spec"]
+    seen = {layout(c) for c in worker["containers"]}
+    seen |= {
+        layout(c) for p in pods(docs) if p.owner.startswith("RayService/") for c in p.containers()
+    }
+    [(shards, copies)] = seen  # every process agrees
+    assert shards == peers and 1 <= copies <= peers
+    if peers > 1:
+        assert copies >= 2, "a peer down must leave every shard served"

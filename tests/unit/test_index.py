@@ -10,6 +10,7 @@ import pytest
 
 from imagine.fusion import PATH_VECTORS
 from imagine.index import (
+    AliasError,
     CollectionNotFound,
     IndexUnavailable,
     ModelVersionMismatch,
@@ -394,3 +395,72 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert reopened.describe("g").points_count == 50
     finally:
         reopened.close()
+
+
+# -- aliases -----------------------------------------------------------------------------------
+def test_an_alias_serves_search_and_switches_collections_atomically(index: QdrantIndex) -> None:
+    for name, vec in (("fashion-v1", [1.0, 0.0]), ("fashion-v2", [0.0, 1.0])):
+        index.ensure_collection(name, {"image": 2}, name.replace("fashion", "model"))
+        index.upsert(name, [_point(f"s3://b/{name}", image=vec)])
+    query = {"text": np.array([1.0, 0.0])}
+
+    index.set_alias("fashion", "fashion-v1")
+    [hit] = index.search("fashion", query, {"text": 1.0}, limit=1)
+    assert hit.payload["uri"] == "s3://b/fashion-v1"
+    info = index.describe("fashion")
+    assert (info.name, info.model_version, info.aliases) == ("fashion-v1", "model-v1", ["fashion"])
+    # ensure_collection through the alias checks the collection behind it, creates nothing
+    index.ensure_collection("fashion", {"image": 2}, "model-v1")
+    assert {c.name for c in index.list_collections()} == {"fashion-v1", "fashion-v2"}
+
+    index.set_alias("fashion", "fashion-v2")  # the upgrade: one switch
+    [hit] = index.search("fashion", query, {"text": 1.0}, limit=1)
+    assert hit.payload["uri"] == "s3://b/fashion-v2"
+    assert index.aliases() == {"fashion": "fashion-v2"}
+    assert index.describe("fashion-v1").aliases == []
+
+    assert index.delete_alias("fashion") is True
+    assert index.delete_alias("fashion") is False
+    with pytest.raises(CollectionNotFound):
+        index.search("fashion", query, {"text": 1.0}, limit=1)
+
+
+def test_aliases_cannot_shadow_or_dangle(index: QdrantIndex) -> None:
+    index.ensure_collection("a", {"image": 2}, "m")
+    index.ensure_collection("b", {"image": 2}, "m")
+    with pytest.raises(AliasError, match="is a collection"):
+        index.set_alias("b", "a")
+    with pytest.raises(CollectionNotFound):
+        index.set_alias("x", "missing")
+    index.set_alias("x", "a")
+    with pytest.raises(AliasError, match="is an alias"):
+        index.delete_collection("x")
+    assert index.delete_collection("a") is True  # its aliases go with it
+    assert index.aliases() == {}
+
+
+def test_collections_are_created_with_the_configured_layout() -> None:
+    """On a Qdrant cluster each new collection gets the configured shards and copies. Local
+    mode ignores both, so a spy around a real local client records what the server would get."""
+    from qdrant_client import QdrantClient
+
+    created: list[dict[str, object]] = []
+
+    class Spy:
+        def __init__(self, client: QdrantClient) -> None:
+            self._client = client
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._client, name)
+
+        def create_collection(self, *args: object, **kwargs: object) -> object:
+            created.append(kwargs)
+            return self._client.create_collection(*args, **kwargs)  # type: ignore[arg-type]
+
+    ix = QdrantIndex(
+        Spy(QdrantClient(":memory:")), layout={"shard_number": 3, "replication_factor": 2}
+    )
+    ix.ensure_collection("g", {"image": 2}, "m")
+    ix.ensure_collection("g", {"image": 2}, "m")  # exists: not created again
+    assert [(c["shard_number"], c["replication_factor"]) for c in created] == [(3, 2)]
+    assert QdrantIndex.embedded(":memory:")._layout == {}  # embedded: nothing to lay out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#imagine/v1/collection_service.proto\x12\nimagine.v1\")\n\x0bNamedVector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\r\"q\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0cpoints_count\x18\x03 \x01(\x04\x12(\n\x07vectors\x18\x04 \x03(\x0b\x32\x17.imagine.v1.NamedVector\"\'\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x18\x43reateCollectionResponse\x12*\n\ncollection\x18\x01 \x01(\x0b\x32\x16.imagine.v1.Collection\")\n\x19\x44\x65scribeCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x1a\x44\x65scribeCollectionResponse\x12*\n\ncollection\x18\x01 \x01(\x0b\x32\x16.imagine.v1.Collection\"\x18\n\x16ListCollectionsRequest\"F\n\x17ListCollectionsResponse\x12+\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x16.imagine.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\x92\x03\n\x11\x43ollectionService\x12]\n\x10\x43reateCollection\x12#.imagine.v1.CreateCollectionRequest\x1a$.imagine.v1.CreateCollectionResponse\x12\x63\n\x12\x44\x65scribeCollection\x12%.imagine.v1.DescribeCollectionRequest\x1a&.imagine.v1.DescribeCollectionResponse\x12Z\n\x0fListCollections\x12\".imagine.v1.ListCollectionsRequest\x1a#.imagine.v1.ListCollectionsResponse\x12]\n\x10\x44\x65leteCollection\x12#.imagine.v1.DeleteCollectionRequest\x1a$.imagine.v1.DeleteCollectionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#imagine/v1/collection_service.proto\x12\nimagine.v1\")\n\x0bNamedVector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\r\"\x82\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0cpoints_count\x18\x03 \x01(\x04\x12(\n\x07vectors\x18\x04 \x03(\x0b\x32\x17.imagine.v1.NamedVector\x12\x0f\n\x07\x61liases\x18\x05 \x03(\t\"\'\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x18\x43reateCollectionResponse\x12*\n\ncollection\x18\x01 \x01(\x0b\x32\x16.imagine.v1.Collection\")\n\x19\x44\x65scribeCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x1a\x44\x65scribeCollectionResponse\x12*\n\ncollection\x18\x01 \x01(\x0b\x32\x16.imagine.v1.Collection\"\x18\n\x16ListCollectionsRequest\"F\n\x17ListCollectionsResponse\x12+\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x16.imagine.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse\"*\n\x05\x41lias\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"7\n\x12UpdateAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"7\n\x13UpdateAliasResponse\x12 \n\x05\x61lias\x18\x01 \x01(\x0b\x32\x11.imagine.v1.Alias\"#\n\x12\x44\x65leteAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAliasResponse\"\x14\n\x12ListAliasesRequest\"9\n\x13ListAliasesResponse\x12\"\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x11.imagine.v1.Alias2\x82\x05\n\x11\x43ollectionService\x12]\n\x10\x43reateCollection\x12#.imagine.v1.CreateCollectionRequest\x1a$.imagine.v1.CreateCollectionResponse\x12\x63\n\x12\x44\x65scribeCollection\x12%.imagine.v1.DescribeCollectionRequest\x1a&.imagine.v1.DescribeCollectionResponse\x12Z\n\x0fListCollections\x12\".imagine.v1.ListCollectionsRequest\x1a#.imagine.v1.ListCollectionsResponse\x12]\n\x10\x44\x65leteCollection\x12#.imagine.v1.DeleteCollectionRequest\x1a$.imagine.v1.DeleteCollectionResponse\x12N\n\x0bUpdateAlias\x12\x1e.imagine.v1.UpdateAliasRequest\x1a\x1f.imagine.v1.UpdateAliasResponse\x12N\n\x0b\x44\x65leteAlias\x12\x1e.imagine.v1.DeleteAliasRequest\x1a\x1f.imagine.v1.DeleteAliasResponse\x12N\n\x0bListAliases\x12\x1e.imagine.v1.ListAliasesRequest\x1a\x1f.imagine.v1.ListAliasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NAMEDVECTOR']._serialized_start=51
   _globals['_NAMEDVECTOR']._serialized_end=92
-  _globals['_COLLECTION']._serialized_start=94
-  _globals['_COLLECTION']._serialized_end=207
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=209
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=248
-  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=250
-  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=320
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=322
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=363
-  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_start=365
-  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_end=437
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=439
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=463
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=465
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=535
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=537
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=576
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=578
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=604
-  _globals['_COLLECTIONSERVICE']._serialized_start=607
-  _globals['_COLLECTIONSERVICE']._serialized_end=1009
+  _globals['_COLLECTION']._serialized_start=95
+  _globals['_COLLECTION']._serialized_end=225
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=227
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=266
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=268
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=338
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=340
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=381
+  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_start=383
+  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_end=455
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=457
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=481
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=483
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=553
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=555
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=594
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=596
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=622
+  _globals['_ALIAS']._serialized_start=624
+  _globals['_ALIAS']._serialized_end=666
+  _globals['_UPDATEALIASREQUEST']._serialized_start=668
+  _globals['_UPDATEALIASREQUEST']._serialized_end=723
+  _globals['_UPDATEALIASRESPONSE']._serialized_start=725
+  _globals['_UPDATEALIASRESPONSE']._serialized_end=780
+  _globals['_DELETEALIASREQUEST']._serialized_start=782
+  _globals['_DELETEALIASREQUEST']._serialized_end=817
+  _globals['_DELETEALIASRESPONSE']._serialized_start=819
+  _globals['_DELETEALIASRESPONSE']._serialized_end=840
+  _globals['_LISTALIASESREQUEST']._serialized_start=842
+  _globals['_LISTALIASESREQUEST']._serialized_end=862
+  _globals['_LISTALIASESRESPONSE']._serialized_start=864
+  _globals['_LISTALIASESRESPONSE']._serialized_end=921
+  _globals['_COLLECTIONSERVICE']._serialized_start=924
+  _globals['_COLLECTIONSERVICE']._serialized_end=1566
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,21 @@ class CollectionServiceStub:
                 request_serializer=imagine_dot_v1_dot_collection__service__pb2.DeleteCollectionRequest.SerializeToString,
                 response_deserializer=imagine_dot_v1_dot_collection__service__pb2.DeleteCollectionResponse.FromString,
                 _registered_method=True)
+        self.UpdateAlias = channel.unary_unary(
+                '/imagine.v1.CollectionService/UpdateAlias',
+                request_serializer=imagine_dot_v1_dot_collection__service__pb2.UpdateAliasRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_collection__service__pb2.UpdateAliasResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/imagine.v1.CollectionService/DeleteAlias',
+                request_serializer=imagine_dot_v1_dot_collection__service__pb2.DeleteAliasRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_collection__service__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/imagine.v1.CollectionService/ListAliases',
+                request_serializer=imagine_dot_v1_dot_collection__service__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_collection__service__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
 
 
 class CollectionServiceServicer:
@@ -85,6 +100,27 @@ class CollectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateAlias(self, request, context):
+        """Points an alias at a collection, atomically replacing its previous target. Every RPC that
+        takes a collection name also takes an alias (model upgrades: ingest into a new
+        collection, then switch the alias).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +143,21 @@ def add_CollectionServiceServicer_to_server(servicer, server):
                     servicer.DeleteCollection,
                     request_deserializer=imagine_dot_v1_dot_collection__service__pb2.DeleteCollectionRequest.FromString,
                     response_serializer=imagine_dot_v1_dot_collection__service__pb2.DeleteCollectionResponse.SerializeToString,
+            ),
+            'UpdateAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAlias,
+                    request_deserializer=imagine_dot_v1_dot_collection__service__pb2.UpdateAliasRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_collection__service__pb2.UpdateAliasResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=imagine_dot_v1_dot_collection__service__pb2.DeleteAliasRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_collection__service__pb2.DeleteAliasResponse.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=imagine_dot_v1_dot_collection__service__pb2.ListAliasesRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_collection__service__pb2.ListAliasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +269,87 @@ class CollectionService:
             '/imagine.v1.CollectionService/DeleteCollection',
             imagine_dot_v1_dot_collection__service__pb2.DeleteCollectionRequest.SerializeToString,
             imagine_dot_v1_dot_collection__service__pb2.DeleteCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.CollectionService/UpdateAlias',
+            imagine_dot_v1_dot_collection__service__pb2.UpdateAliasRequest.SerializeToString,
+            imagine_dot_v1_dot_collection__service__pb2.UpdateAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.CollectionService/DeleteAlias',
+            imagine_dot_v1_dot_collection__service__pb2.DeleteAliasRequest.SerializeToString,
+            imagine_dot_v1_dot_collection__service__pb2.DeleteAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.CollectionService/ListAliases',
+            imagine_dot_v1_dot_collection__service__pb2.ListAliasesRequest.SerializeToString,
+            imagine_dot_v1_dot_collection__service__pb2.ListAliasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
