@@ -34,7 +34,7 @@ data: ## install the Fashion-MNIST package (Debian dataset-fashion-mnist) if mis
 demo: setup ## the main job on the embedded default: ingest Fashion-MNIST, search, evaluate
 	$(BIN)/imagine demo
 
-test-deps: ## redis-server (the Redis tests start their own) and a RabbitMQ on 127.0.0.1:5672
+test-deps: ## redis-server (tests start their own), RabbitMQ and PostgreSQL on loopback
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
@@ -49,6 +49,16 @@ test-deps: ## redis-server (the Redis tests start their own) and a RabbitMQ on 1
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server; }; \
 	  (echo > /dev/tcp/127.0.0.1/5672) 2>/dev/null || rabbitmq-server -detached; \
 	  rabbitmqctl await_startup --timeout 120 >/dev/null; \
+	fi
+	@if ! (echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "PostgreSQL is not running on 127.0.0.1:5432 (user postgres, password postgres, or set IMAGINE_TEST_POSTGRES_URL)"; exit 1; \
+	  fi; \
+	  command -v pg_ctlcluster >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }; \
+	  pg_ctlcluster --skip-systemctl-redirect "$$(ls /etc/postgresql | sort -V | tail -1)" main start || true; \
+	  for i in $$(seq 60); do (echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null && break; sleep 1; done; \
+	  runuser -u postgres -- psql -qc "ALTER USER postgres PASSWORD 'postgres'"; \
 	fi
 
 test: setup test-deps ## the whole test suite (unit, integration on loopback, end to end)

@@ -88,7 +88,10 @@ class ServiceSettings(_Common):
     qdrant: QdrantSettings = QdrantSettings()
     storage: StorageSettings = StorageSettings()
     broker_url: str | None = Field(default=None, description="None: filesystem:// under data_dir")
-    jobs_url: str | None = Field(default=None, description="None: SQLite under data_dir")
+    jobs_url: str | None = Field(
+        default=None,
+        description="postgresql://... (shared by every node); None: SQLite under data_dir",
+    )
     default_chunk_size: int = 256
     task_queue: str = Field(default="imagine-ingest", description="Broker queue of ingest tasks")
     # A chunk claimed this long ago and not counted is queued again (its worker died); after

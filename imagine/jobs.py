@@ -15,17 +15,19 @@ job with the reason instead of looping.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 TASK_RUN_JOB = "imagine.ingest.run_job"
 TASK_RUN_CHUNK = "imagine.ingest.run_chunk"
@@ -109,9 +111,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS listed (
   job_id TEXT NOT NULL, point_id TEXT NOT NULL, PRIMARY KEY (job_id, point_id)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS progress (id INTEGER PRIMARY KEY CHECK (id = 0), at REAL NOT NULL);
-INSERT OR IGNORE INTO progress (id, at) VALUES (0, 0);
+INSERT INTO progress (id, at) VALUES (0, 0) ON CONFLICT DO NOTHING;
 """
 # columns added after the first release: (name, declaration), applied to older files on open
 # touched_at: the lister's last sign of life; requeued_at: when the redeliverer last queued
@@ -129,6 +131,18 @@ _COLUMNS = (
 )
 
 
+class _Db(Protocol):
+    """What the store needs of a connection (sqlite3's API; PostgreSQL's through _PgDb)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
+
+
+class JobStoreUnavailable(ConnectionError):
+    """The job store's database cannot be reached (retry later)."""
+
+
 @dataclass(frozen=True)
 class Redelivery:
     """A task to queue again: the job task (``chunk is None``) or one chunk with its items."""
@@ -144,13 +158,14 @@ class SqliteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         db = self._conn()
+        assert isinstance(db, sqlite3.Connection)
         db.executescript(_SCHEMA)
         have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         for name, decl in _MIGRATIONS:
             if name not in have:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> _Db:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -160,7 +175,7 @@ class SqliteJobStore:
         return conn
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[_Db]:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -224,7 +239,7 @@ class SqliteJobStore:
     def add_listed(self, job_id: str, point_ids: Sequence[str]) -> None:
         with self._tx() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO listed (job_id, point_id) VALUES (?, ?)",
+                "INSERT INTO listed (job_id, point_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(job_id, pid) for pid in point_ids],
             )
 
@@ -272,9 +287,9 @@ class SqliteJobStore:
         """Write a chunk to the outbox before it is queued (a re-listing keeps the first)."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO outbox (job_id, chunk, items, submitted_at) "
+                "INSERT INTO outbox (job_id, chunk, items, submitted_at) "
                 "SELECT ?, ?, ?, ? WHERE NOT EXISTS "
-                "(SELECT 1 FROM chunks WHERE job_id=? AND chunk=?)",
+                "(SELECT 1 FROM chunks WHERE job_id=? AND chunk=?) ON CONFLICT DO NOTHING",
                 (job_id, chunk, json.dumps(items), time.time(), job_id, chunk),
             )
 
@@ -312,14 +327,16 @@ class SqliteJobStore:
         """Count a chunk's outcome once; returns False if it was already counted."""
         with self._tx() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO chunks (job_id, chunk) VALUES (?, ?)", (job_id, chunk)
+                "INSERT INTO chunks (job_id, chunk) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (job_id, chunk),
             )
             if cur.rowcount == 0:
                 return False
             db.execute("DELETE FROM outbox WHERE job_id=? AND chunk=?", (job_id, chunk))
             _progress(db, time.time())
             db.executemany(
-                "INSERT OR REPLACE INTO failures (job_id, uri, reason) VALUES (?, ?, ?)",
+                "INSERT INTO failures (job_id, uri, reason) VALUES (?, ?, ?) "
+                "ON CONFLICT (job_id, uri) DO UPDATE SET reason = excluded.reason",
                 [(job_id, uri, reason) for uri, reason in failures],
             )
             db.execute(
@@ -352,7 +369,7 @@ class SqliteJobStore:
             )
         return self.get(job_id)
 
-    def _maybe_finish(self, db: sqlite3.Connection, job_id: str) -> None:
+    def _maybe_finish(self, db: _Db, job_id: str) -> None:
         row = db.execute(
             "SELECT state, listing_done, num_chunks, chunks_done, failed FROM jobs WHERE id=?",
             (job_id,),
@@ -424,8 +441,9 @@ class SqliteJobStore:
                     out.append(Redelivery(job_id, chunk, json.loads(items)))
                 for (job_id,) in db.execute(
                     "SELECT id FROM jobs WHERE (state=? OR (state=? AND listing_done=0)) "
-                    "AND MAX(touched_at, created_at, requeued_at) < ? ORDER BY created_at",
-                    (JobState.QUEUED.value, running, stale),
+                    "AND touched_at < ? AND created_at < ? AND requeued_at < ? "
+                    "ORDER BY created_at",
+                    (JobState.QUEUED.value, running, stale, stale, stale),
                 ).fetchall():
                     db.execute("UPDATE jobs SET requeued_at=? WHERE id=?", (now, job_id))
                     out.append(Redelivery(job_id))
@@ -470,7 +488,7 @@ class SqliteJobStore:
         return [(u, r) for u, r in rows]
 
 
-def _progress(db: sqlite3.Connection, now: float) -> None:
+def _progress(db: _Db, now: float) -> None:
     db.execute("UPDATE progress SET at=? WHERE id=0", (now,))
 
 
@@ -500,3 +518,104 @@ def _job(row: tuple[Any, ...], failures: list[tuple[str, str]]) -> Job:
         sync=bool(sync),
         removed=removed,
     )
+
+
+# -- PostgreSQL: one job store for ingresses and workers on many nodes -------------------------
+_PG_LOCK = 0x1A6E  # the advisory lock that serialises writers, as SQLite's BEGIN IMMEDIATE does
+
+
+def _pg_sql(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+def _pg_ddl(sql: str) -> str:
+    # SQLite's REAL is 8 bytes; PostgreSQL's is 4 (unix times would lose minutes)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+
+
+class _PgDb:
+    """sqlite3's ``execute``/``executemany`` on a psycopg connection (``?`` -> ``%s``); a lost
+    connection raises :class:`JobStoreUnavailable` and is replaced on the next call."""
+
+    def __init__(self, conn: Any, on_lost: Any) -> None:
+        self._conn = conn
+        self._on_lost = on_lost
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Any:
+        import psycopg
+
+        try:
+            return self._conn.execute(_pg_sql(sql), params)
+        except psycopg.OperationalError as exc:
+            self._on_lost()
+            raise JobStoreUnavailable(f"job store unreachable: {exc}") from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any:
+        import psycopg
+
+        try:
+            with self._conn.cursor() as cur:
+                cur.executemany(_pg_sql(sql), list(rows))
+        except psycopg.OperationalError as exc:
+            self._on_lost()
+            raise JobStoreUnavailable(f"job store unreachable: {exc}") from exc
+
+
+class PostgresJobStore(SqliteJobStore):
+    """The same job records in PostgreSQL (``IMAGINE_JOBS_URL=postgresql://...``), so ingresses
+    and workers on several nodes share them. Same SQL; writers are serialised by a transaction
+    advisory lock, as SQLite serialises them, so every invariant of the SQLite store holds."""
+
+    def __init__(self, url: str, connect_timeout_s: int = 10) -> None:
+        self.url = url
+        self.path = Path(url)  # for messages only
+        self._timeout = connect_timeout_s
+        self._local = threading.local()
+        with self._tx() as db:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(_pg_ddl(stmt))
+            for name, decl in _MIGRATIONS:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {_pg_ddl(decl)}")
+
+    def _conn(self) -> _Db:
+        db = getattr(self._local, "conn", None)
+        if db is None:
+            import psycopg
+
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._timeout)
+            except psycopg.OperationalError as exc:
+                raise JobStoreUnavailable(f"job store unreachable: {exc}") from exc
+            db = _PgDb(conn, self._lost)
+            self._local.conn = db
+        return db
+
+    def _lost(self) -> None:
+        db = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Db]:
+        db = self._conn()
+        db.execute("BEGIN")
+        try:
+            db.execute(f"SELECT pg_advisory_xact_lock({_PG_LOCK})")
+            yield db
+        except BaseException:
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def open_job_store(jobs_url: str | None, sqlite_path: Path) -> SqliteJobStore:
+    """PostgreSQL when ``jobs_url`` names it, else SQLite at ``sqlite_path`` (one node)."""
+    if not jobs_url:
+        return SqliteJobStore(sqlite_path)
+    if jobs_url.startswith(("postgresql://", "postgres://")):
+        return PostgresJobStore(jobs_url)
+    raise ValueError(f"unsupported jobs_url {jobs_url!r}: use postgresql://user:pass@host/db")

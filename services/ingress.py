@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from imagine.config import ServiceSettings
 from imagine.index import QdrantIndex
-from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore
+from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore, open_job_store
 from imagine.queueing import broker_config
 from imagine.storage import ObjectLinks
 from services.query import GenerativeInfo, QueryEngine, SamplingDefaults
@@ -150,7 +150,7 @@ class Ingress:
         encoders = HandleEncoders(text, image, vision)
         defaults = SamplingDefaults(s.default_num_generated, s.default_steps, s.default_guidance)
         self.index = open_index(s)
-        jobs, queue = SqliteJobStore(s.jobs_path), CeleryQueue(s)
+        jobs, queue = open_job_store(s.jobs_url, s.jobs_path), CeleryQueue(s)
         self.redelivery = asyncio.get_running_loop().create_task(
             redeliver_forever(jobs, queue, s.job_lease_s, s.job_max_attempts)
         )

@@ -16,7 +16,7 @@ from celery import Celery, Task
 
 from imagine.config import WorkerSettings, load_worker_settings
 from imagine.index import IndexUnavailable
-from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore
+from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore, open_job_store
 from imagine.queueing import broker_config
 from imagine.storage import StoreUnavailable, open_store
 from workers.ingest import IngestContext, run_chunk, run_job
@@ -41,7 +41,7 @@ class _Context:
             return self._ctx
 
     def jobs(self) -> SqliteJobStore:
-        return SqliteJobStore(self.settings.jobs_path)
+        return open_job_store(self.settings.jobs_url, self.settings.jobs_path)
 
     def _build(self) -> IngestContext:
         from imagine.client import ImagineClient

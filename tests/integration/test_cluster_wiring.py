@@ -1,8 +1,9 @@
-"""Cluster-profile wiring on loopback: the Redis broker and an S3 (MinIO protocol) source.
+"""Cluster-profile wiring on loopback: the Redis broker, an S3 (MinIO protocol) source and the
+PostgreSQL job store.
 
 The stack is the same code path as the embedded default, configured by environment: the ingress
 queues jobs on Redis, the worker consumes them from Redis and reads the gallery from moto's S3
-server through the `minio` client.
+server through the `minio` client, and both keep the job records in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 
 from imagine.client import state_name
-from tests.conftest import RedisServer, Stack, free_port, start_stack
+from tests.conftest import RedisServer, Stack, free_port, postgres_database, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +58,20 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def jobs_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def redis_stack(
-    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str, jobs_url: str
 ) -> Iterator[Stack]:
     stack = start_stack(
         tmp_path_factory.mktemp("redis-stack"),
         {
             "IMAGINE_BROKER_URL": redis_url,
+            "IMAGINE_JOBS_URL": jobs_url,
             "IMAGINE_STORAGE__ENDPOINT": s3_endpoint,
             "IMAGINE_STORAGE__ACCESS_KEY": "testing",
             "IMAGINE_STORAGE__SECRET_KEY": "testing",
@@ -133,10 +141,11 @@ def test_missing_bucket_fails_the_job_with_the_reason(redis_stack: Stack) -> Non
 
 
 def test_jobs_survive_a_service_restart(redis_stack: Stack, tmp_path: Path) -> None:
-    """Job records persist: a restarted service still answers for old jobs."""
+    """Job records persist (in PostgreSQL): a restarted service still answers for old jobs."""
     with redis_stack.client() as c:
         before = {j.id: j.state for j in c.list_jobs()}
     assert before
+    assert not (redis_stack.data_dir / "jobs.sqlite3").exists()  # nothing kept on this node
     assert redis_stack.stop() == 0
     restarted = start_stack(redis_stack.data_dir, {k: v for k, v in redis_stack.env.items()})
     try:

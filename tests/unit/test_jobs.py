@@ -1,17 +1,39 @@
-"""SqliteJobStore on tmp_path: states, exactly-once chunk counts, sharing between processes."""
+"""The job store on SQLite (one node) and on PostgreSQL (the server on loopback, a database of
+its own per test): states, exactly-once chunk counts, sharing between processes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from imagine.jobs import JobNotFound, JobState, SqliteJobStore
+from imagine.jobs import (
+    JobNotFound,
+    JobState,
+    JobStoreUnavailable,
+    PostgresJobStore,
+    SqliteJobStore,
+    open_job_store,
+)
+from tests.conftest import postgres_database
+
+Opener = Callable[[], SqliteJobStore]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens a store on one database; call it twice for two processes' views of it."""
+    if request.param == "sqlite":
+        yield lambda: SqliteJobStore(tmp_path / "jobs" / "jobs.db")
+    else:
+        with postgres_database() as url:
+            yield lambda: PostgresJobStore(url)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteJobStore:
-    return SqliteJobStore(tmp_path / "jobs" / "jobs.db")
+def store(opener: Opener) -> SqliteJobStore:
+    return opener()
 
 
 def _running(store: SqliteJobStore, collection: str = "gallery") -> str:
@@ -208,10 +230,9 @@ def test_list_by_collection_newest_first(store: SqliteJobStore) -> None:
     assert store.list("none") == []
 
 
-def test_two_stores_on_one_file_see_each_others_writes(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    service = SqliteJobStore(path)  # the query service
-    worker = SqliteJobStore(path)  # an ingestion worker process
+def test_two_stores_on_one_database_see_each_others_writes(opener: Opener) -> None:
+    service = opener()  # the query service
+    worker = opener()  # an ingestion worker process
 
     job = service.create("gallery", "s3://b/", 2)
     assert worker.get(job.id).state is JobState.QUEUED
@@ -231,11 +252,10 @@ def test_two_stores_on_one_file_see_each_others_writes(tmp_path: Path) -> None:
     assert [j.id for j in service.list("gallery")] == [job.id]
 
 
-def test_jobs_survive_reopening_the_store(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    job = SqliteJobStore(path).create("gallery", "s3://b/", 2, metadata={"k": "v"})
+def test_jobs_survive_reopening_the_store(opener: Opener) -> None:
+    job = opener().create("gallery", "s3://b/", 2, metadata={"k": "v"})
 
-    again = SqliteJobStore(path).get(job.id)
+    again = opener().get(job.id)
 
     assert again.state is JobState.QUEUED
     assert again.metadata == {"k": "v"}
@@ -362,3 +382,37 @@ def test_older_job_files_are_migrated(tmp_path: Path) -> None:
     assert store.get("old1").state is JobState.SUCCEEDED
     job = store.create("g", "/data", 8)
     assert store.claim_listing(job.id, lease_s=300)
+
+
+def test_open_job_store_picks_the_backend_by_url(tmp_path: Path) -> None:
+    assert type(open_job_store(None, tmp_path / "j.db")) is SqliteJobStore
+    with postgres_database() as url:
+        assert type(open_job_store(url, tmp_path / "unused.db")) is PostgresJobStore
+    with pytest.raises(ValueError, match="unsupported jobs_url"):
+        open_job_store("mysql://x/y", tmp_path / "j.db")
+
+
+def test_an_unreachable_postgres_is_a_retryable_error() -> None:
+    from tests.conftest import free_port
+
+    with pytest.raises(JobStoreUnavailable, match="unreachable") as err:
+        PostgresJobStore(f"postgresql://postgres@127.0.0.1:{free_port()}/x", connect_timeout_s=2)
+    assert isinstance(err.value, ConnectionError)  # what tasks retry and RPCs call UNAVAILABLE
+
+
+def test_concurrent_chunk_reports_are_counted_once_on_postgres() -> None:
+    """Several worker threads report overlapping chunks at once: each chunk counts once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with postgres_database() as url:
+        store = PostgresJobStore(url)
+        job = store.create("gallery", "s3://b/", 2)
+        assert store.claim_listing(job.id, lease_s=300)
+        store.set_listing(job.id, total=40, num_chunks=20)
+        with ThreadPoolExecutor(8) as pool:
+            counted = list(
+                pool.map(lambda c: store.record_chunk(job.id, c % 20, 2, 0, []), range(60))
+            )
+        assert sum(counted) == 20
+        done = store.get(job.id)
+        assert (done.state, done.embedded, done.chunks_done) == (JobState.SUCCEEDED, 40, 20)
