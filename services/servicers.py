@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from imagine.config import StorageSettings
+from imagine.config import LimitSettings, StorageSettings
 from imagine.fusion import FusionError
 from imagine.index import (
     CollectionInfo,
@@ -31,6 +32,7 @@ from imagine.index import (
     VectorIndex,
 )
 from imagine.jobs import Job, JobNotFound, SqliteJobStore
+from imagine.observability import current_request_id, redact
 from imagine.storage import ObjectLinks
 from protos.gen.imagine.v1 import (
     collection_service_pb2 as col_pb,
@@ -65,18 +67,20 @@ from protos.gen.imagine.v1 import (
 from protos.gen.imagine.v1 import (
     retrieval_service_pb2_grpc as ret_grpc,
 )
+from services.guard import GenerationSlots
 from services.query import (
-    MAX_GENERATED,
     MAX_GUIDANCE,
-    MAX_IMAGE_BYTES,
-    MAX_QUERY_CHARS,
-    MAX_STEPS,
     BadRequest,
     Encoders,
     Generative,
     QueryEngine,
     SamplingDefaults,
+    TooManyRequests,
+    check_sampling,
+    check_text,
+    over_limit,
     png_bytes,
+    wants_generation,
 )
 
 log = logging.getLogger("imagine.ingress")
@@ -103,6 +107,8 @@ class Backend:
     generative: Generative | None = None
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     links: ObjectLinks = field(default_factory=lambda: ObjectLinks(StorageSettings()))
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    slots: GenerationSlots = field(default_factory=lambda: GenerationSlots(4))
 
 
 R = TypeVar("R")
@@ -126,22 +132,48 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, name: str) -
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     code, message = _status(exc)
+    rid = current_request_id() or uuid.uuid4().hex[:16]
     if code is grpc.StatusCode.INTERNAL:
-        rid = uuid.uuid4().hex[:12]
-        log.exception("%s failed (request id %s)", name, rid)
+        # One line with the error's type and message (redacted), never a stack trace.
+        log.error("%s failed (request id %s): %s: %s", name, rid, type(exc).__name__, exc)
         message = f"internal error (request id {rid})"
-    await context.abort(code, message)
+    elif code is grpc.StatusCode.UNAVAILABLE:
+        log.warning("%s: %s", name, message)
+    await context.abort(code, redact(message))
+
+
+# Ray errors of a deployment that is down or overloaded (matched by name: no Ray import here).
+_UNAVAILABLE_NAMES = {
+    "RayActorError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "ActorUnschedulableError",
+    "BackPressureError",
+    "DeploymentUnavailableError",
+    "RaySystemError",
+    "GetTimeoutError",
+}
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, BadRequest | FusionError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, TooManyRequests):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CollectionNotFound | JobNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")
     if isinstance(exc, ModelVersionMismatch):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, IndexUnavailable | ConnectionError):
-        return grpc.StatusCode.UNAVAILABLE, f"a dependency is unavailable, retry later: {exc}"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "a dependency did not answer in time"
+    if isinstance(exc, IndexUnavailable | ConnectionError) or any(
+        t.__name__ in _UNAVAILABLE_NAMES for t in type(exc).__mro__
+    ):
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"a dependency is unavailable ({detail}); retry with backoff",
+        )
     return grpc.StatusCode.INTERNAL, ""
 
 
@@ -168,7 +200,12 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
     @rpc
     async def Search(self, request: Any, context: Any) -> Any:
         check_collection(request.collection)
-        hits, weights, timings, pngs, cache_hit = await self.b.engine.search(request)
+        if wants_generation(request, self.b.generative):
+            with self.b.slots.hold():
+                found = await self.b.engine.search(request)
+        else:
+            found = await self.b.engine.search(request)
+        hits, weights, timings, pngs, cache_hit = found
         resp = ret_pb.SearchResponse(
             model_version=self.b.model_version, weights=weights, cache_hit=cache_hit
         )
@@ -203,8 +240,7 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
         for i, t in enumerate(texts):
             if not t.strip():
                 raise BadRequest(f"texts[{i}] is empty")
-            if len(t) > MAX_QUERY_CHARS:
-                raise BadRequest(f"texts[{i}] exceeds the limit of {MAX_QUERY_CHARS} characters")
+            check_text(t, f"texts[{i}]", self.b.limits)
         vecs = await self.b.encoders.text(texts)
         return mod_pb.EncodeTextResponse(
             embeddings=[common_pb2.Vector(values=v.tolist()) for v in vecs],
@@ -220,8 +256,10 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
             known = ", ".join(sorted(self.b.vectors))
             raise BadRequest(f"unknown image vector {request.vector!r}; this model has: {known}")
         for i, img in enumerate(images):
-            if len(img) > MAX_IMAGE_BYTES:
-                raise BadRequest(f"images[{i}] exceeds the limit of {MAX_IMAGE_BYTES} bytes")
+            if len(img) > self.b.limits.max_image_bytes:
+                raise over_limit(
+                    f"images[{i}] size in bytes", len(img), "max_image_bytes", self.b.limits
+                )
         if vector == "visual":
             results = await self.b.encoders.visual(images)
         else:
@@ -244,17 +282,16 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
         prompt = request.prompt.strip()
         if not prompt:
             raise BadRequest("prompt is empty")
-        if len(prompt) > MAX_QUERY_CHARS:
-            raise BadRequest(f"prompt exceeds the limit of {MAX_QUERY_CHARS} characters")
+        check_text(prompt, "prompt", self.b.limits)
         d = self.b.defaults
         k = request.num_images or d.num_generated
         steps = request.steps or d.steps
         guidance = request.guidance or d.guidance
-        if not 1 <= k <= MAX_GENERATED or not 1 <= steps <= MAX_STEPS:
-            raise BadRequest(f"num_images must be 1..{MAX_GENERATED} and steps 1..{MAX_STEPS}")
-        if not 0 < guidance <= MAX_GUIDANCE:
+        check_sampling(k, steps, "num_images", self.b.limits)
+        if not (math.isfinite(guidance) and 0 < guidance <= MAX_GUIDANCE):
             raise BadRequest(f"guidance {guidance} is outside (0, {MAX_GUIDANCE}]")
-        images = await gen.generate(prompt, k, steps, float(guidance), int(request.seed))
+        with self.b.slots.hold():
+            images = await gen.generate(prompt, k, steps, float(guidance), int(request.seed))
         return mod_pb.GenerateResponse(
             images=[png_bytes(i) for i in images], model_version=gen.info.generator_version
         )
@@ -370,6 +407,8 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
         name = check_collection(request.collection)
         source = check_source(request.source)
         chunk = request.chunk_size or b.default_chunk_size
+        if chunk < 0:
+            raise BadRequest(f"chunk_size {chunk} is negative")
         if chunk > 10_000:
             raise BadRequest(f"chunk_size {chunk} exceeds the limit of 10000")
         await asyncio.to_thread(b.index.ensure_collection, name, b.vectors, b.model_version)
@@ -387,11 +426,14 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
         except Exception as exc:
             await asyncio.to_thread(b.jobs.fail, job.id, f"could not queue the job: {exc}")
             raise IndexUnavailable(f"the job queue is unavailable: {exc}") from exc
+        log.info("ingest job %s queued: %s -> %s", job.id, source, name)
         return ing_pb.CreateIngestJobResponse(job=job_pb(job))
 
     @rpc
     async def ListIngestJobFailures(self, request: Any, context: Any) -> Any:
         size = request.page_size or 1000
+        if size < 0:
+            raise BadRequest(f"page_size {size} is negative")
         if size > 10_000:
             raise BadRequest(f"page_size {size} exceeds the limit of 10000")
         page = await asyncio.to_thread(
@@ -433,6 +475,8 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
     @rpc
     async def ListIngestJobs(self, request: Any, context: Any) -> Any:
         size = request.page_size or 50
+        if size < 0:
+            raise BadRequest(f"page_size {size} is negative")
         if size > 1000:
             raise BadRequest("page_size exceeds the limit of 1000")
         jobs = await asyncio.to_thread(self.b.jobs.list, request.collection, size)
@@ -481,7 +525,7 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
             check_collection(request.collection),
             request.source,
             request.page_token or None,
-            min(request.page_size or 1000, 10_000),
+            max(1, min(request.page_size or 1000, 10_000)),
         )
         return idx_pb.ListSourcePointsResponse(ids=ids, next_page_token=token or "")
 
