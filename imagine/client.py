@@ -57,13 +57,20 @@ def state_name(state: int) -> str:
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Adds fixed metadata (the API key) to every call on the channel."""
+    """Adds metadata to every call on the channel: the API key, and a request id if
+    ``request_id`` gives one (a worker sends its job's id, so the job can be followed)."""
 
-    def __init__(self, metadata: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, metadata: list[tuple[str, str]], request_id: Callable[[], str] | None = None
+    ) -> None:
         self.metadata = metadata
+        self.request_id = request_id
 
     def _details(self, details: Any) -> Any:
         md = list(details.metadata or []) + self.metadata
+        rid = self.request_id() if self.request_id is not None else ""
+        if rid:
+            md.append(("x-request-id", rid))
         return _Details(details, md)
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -89,6 +96,7 @@ def open_channel(
     api_key: str | None = None,
     ca_file: str | Path | None = None,
     server_name: str | None = None,
+    request_id: Callable[[], str] | None = None,
 ) -> grpc.Channel:
     """A channel to the ingress: TLS when ``ca_file`` is given, the API key on every call."""
     options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -99,8 +107,9 @@ def open_channel(
         channel = grpc.secure_channel(address, creds, options=options)
     else:
         channel = grpc.insecure_channel(address, options=options)
-    if api_key:
-        channel = grpc.intercept_channel(channel, _Metadata([("x-api-key", api_key)]))
+    if api_key or request_id is not None:
+        fixed = [("x-api-key", api_key)] if api_key else []
+        channel = grpc.intercept_channel(channel, _Metadata(fixed, request_id))
     return channel
 
 
@@ -116,16 +125,22 @@ class ImagineClient:
         retries: int = 4,
         backoff_s: float = 0.25,
         max_backoff_s: float = 8.0,
+        request_id: Callable[[], str] | None = None,
     ) -> None:
         """``timeout_s``: the deadline of each call (retries included); ``retries``: how often a
-        call that failed with UNAVAILABLE is tried again (backoff doubles from ``backoff_s``)."""
+        call that failed with UNAVAILABLE is tried again (backoff doubles from ``backoff_s``);
+        ``request_id``: called per call, a non-empty result is sent as ``x-request-id``."""
         self.address = address
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.channel = open_channel(
-            address, api_key=api_key, ca_file=ca_file, server_name=server_name
+            address,
+            api_key=api_key,
+            ca_file=ca_file,
+            server_name=server_name,
+            request_id=request_id,
         )
         self.retrieval = ret_grpc.RetrievalServiceStub(self.channel)
         self.ingestion = ing_grpc.IngestionServiceStub(self.channel)

@@ -173,7 +173,7 @@ def _measured(name: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
     code = grpc.StatusCode.OK
     try:
         yield
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away (or stopped reading)
         code = grpc.StatusCode.CANCELLED
         raise
     except BaseException:

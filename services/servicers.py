@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -87,6 +87,8 @@ log = logging.getLogger("imagine.ingress")
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_BATCH = 256
+VECTOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_VECTOR_SIZE = 65_536
 WATCH_POLL_S = 0.25
 
 
@@ -493,6 +495,16 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
     @rpc
     async def EnsureCollection(self, request: Any, context: Any) -> Any:
         name = check_collection(request.collection)
+        if not request.vectors:
+            raise BadRequest("no vectors given")
+        for vec, size in request.vectors.items():
+            if not VECTOR_NAME.match(vec) or not 1 <= size <= MAX_VECTOR_SIZE:
+                raise BadRequest(
+                    f"bad vector {vec!r} of size {size}: a lower-case name and a size in "
+                    f"1..{MAX_VECTOR_SIZE}"
+                )
+        if not request.model_version.strip():
+            raise BadRequest("model_version is empty")
         await asyncio.to_thread(
             self.b.index.ensure_collection, name, dict(request.vectors), request.model_version
         )
@@ -507,15 +519,25 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
 
     @rpc
     async def UpsertPoints(self, request: Any, context: Any) -> Any:
-        points = [
-            Point(
-                id=p.id,
-                vectors={k: list(v.values) for k, v in p.vectors.items()},
-                payload=json_format.MessageToDict(p.payload),
+        name = check_collection(request.collection)
+        points = []
+        for i, p in enumerate(request.points):
+            vectors: dict[str, Sequence[float]] = {k: list(v.values) for k, v in p.vectors.items()}
+            if not vectors or not all(v and all(map(math.isfinite, v)) for v in vectors.values()):
+                raise BadRequest(f"points[{i}]: every point needs finite, non-empty vectors")
+            points.append(
+                Point(
+                    id=check_point_id(p.id, f"points[{i}].id"),
+                    vectors=vectors,
+                    payload=json_format.MessageToDict(p.payload),
+                )
             )
-            for p in request.points
-        ]
-        await asyncio.to_thread(self.b.index.upsert, check_collection(request.collection), points)
+        try:
+            await asyncio.to_thread(self.b.index.upsert, name, points)
+        except ValueError as exc:  # the index refused the vectors (unknown name, wrong size)
+            if "Wrong input" not in str(exc):
+                raise
+            raise BadRequest(f"points do not fit collection {name!r}: {exc}") from exc
         return idx_pb.UpsertPointsResponse()
 
     @rpc
@@ -524,7 +546,7 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
             self.b.index.source_ids,
             check_collection(request.collection),
             request.source,
-            request.page_token or None,
+            check_point_id(request.page_token, "page_token") if request.page_token else None,
             max(1, min(request.page_size or 1000, 10_000)),
         )
         return idx_pb.ListSourcePointsResponse(ids=ids, next_page_token=token or "")
@@ -532,8 +554,17 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
     @rpc
     async def DeletePoints(self, request: Any, context: Any) -> Any:
         name = check_collection(request.collection)
-        await asyncio.to_thread(self.b.index.delete, name, list(request.ids))
+        ids = [check_point_id(x, f"ids[{i}]") for i, x in enumerate(request.ids)]
+        await asyncio.to_thread(self.b.index.delete, name, ids)
         return idx_pb.DeletePointsResponse()
+
+
+def check_point_id(value: str, what: str) -> str:
+    """Point ids are UUIDs (``imagine.index.point_id``)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest(f"{what} {value[:64]!r} is not a point id (a UUID)") from None
 
 
 def add_all(server: grpc.aio.Server, backend: Backend, with_index: bool) -> list[str]:

@@ -51,7 +51,13 @@ class _Context:
         from workers.remote import GrpcEncoder, RemoteIndex
 
         s = self.settings
-        client = ImagineClient(s.grpc_address, timeout_s=300, api_key=s.api_key, ca_file=s.ca_file)
+        client = ImagineClient(
+            s.grpc_address,
+            timeout_s=300,
+            api_key=s.api_key,
+            ca_file=s.ca_file,
+            request_id=_job_request_id,  # the ingress and the encoders log the job's id
+        )
         index: PointStore
         if s.qdrant.url:
             index = QdrantIndex.remote(s.qdrant.url, s.qdrant.api_key, s.qdrant.timeout_s)
@@ -105,6 +111,11 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         run_chunk(context.get(), job_id, chunk_no, [(k, e, lbl) for k, e, lbl in items])
 
     return app
+
+
+def _job_request_id() -> str:
+    job = current_job.get()
+    return f"job-{job}" if job else ""
 
 
 def _short(name: str | None) -> str:
