@@ -89,7 +89,9 @@ class LimitSettings(BaseModel):
     max_generated: int = 16  # K generated images per query
     max_steps: int = 100
     max_request_s: float = 300.0  # a server-side deadline on every unary call
-    max_concurrent_generations: int = 4  # generating calls in flight per client (key or peer)
+    # generating calls in flight per client (key, or peer host without keys): one client may
+    # fill one denoising batch (IMAGINE_GENERATOR_BATCH_SIZE), no more
+    max_concurrent_generations: int = 16
 
 
 class _Common(BaseSettings):
