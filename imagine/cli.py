@@ -25,7 +25,14 @@ from imagine.config import load_client_settings
 def _client(args: argparse.Namespace) -> Any:
     from imagine.client import ImagineClient
 
-    return ImagineClient(args.address or load_client_settings().grpc_address)
+    cfg = load_client_settings()
+    return ImagineClient(
+        args.address or cfg.grpc_address,
+        timeout_s=args.timeout,
+        api_key=args.api_key or cfg.api_key,
+        ca_file=args.ca_file or cfg.ca_file,
+        server_name=args.server_name,
+    )
 
 
 def _fail(message: str) -> int:
@@ -40,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imagine.runtime import setup_logging
 
     settings = load_service_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     stopping = False
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -248,6 +255,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(limit=args.limit, keep_running=args.keep_running)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Print a new random API key and the entry of IMAGINE_AUTH__KEYS that admits it."""
+    import json
+    import secrets
+
+    from imagine.config import hash_api_key
+
+    key = "imk_" + secrets.token_urlsafe(32)
+    entry = {"name": args.name, "role": args.role, "sha256": hash_api_key(key)}
+    print(f"API key (shown once; give it to the client as IMAGINE_API_KEY): {key}")
+    print(f"server entry (add to the IMAGINE_AUTH__KEYS JSON list): {json.dumps(entry)}")
+    return 0
+
+
 def _kv(pairs: list[str] | None) -> dict[str, str]:
     out = {}
     for pair in pairs or []:
@@ -261,6 +282,10 @@ def _kv(pairs: list[str] | None) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagine", description=__doc__.split("\n\n")[0])
     p.add_argument("--address", help="gRPC address (default IMAGINE_GRPC_ADDRESS, 127.0.0.1:50051)")
+    p.add_argument("--api-key", help="API key (default IMAGINE_API_KEY)")
+    p.add_argument("--ca-file", help="PEM CA certificate: connect with TLS (IMAGINE_CA_FILE)")
+    p.add_argument("--server-name", help="TLS: the name the server's certificate holds")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline per call, s (60)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the embedded profile until Ctrl-C")
@@ -317,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="eval", help="folder for eval.json, the chart and sheets")
     s.add_argument("--text-only", action="store_true", help="only the text-image path")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("keys", help="make an API key: `imagine keys new --role reader`")
+    s.add_argument("action", choices=["new"])
+    s.add_argument("--role", choices=["reader", "writer", "admin"], default="reader")
+    s.add_argument("--name", default="client", help="the key's name in logs")
+    s.set_defaults(fn=cmd_keys)
 
     s = sub.add_parser("demo", help="ingest Fashion-MNIST, search it, evaluate (embedded profile)")
     s.add_argument("--limit", type=int, default=None, help="gallery size (default 10000)")

@@ -10,7 +10,9 @@ live under ``IMAGINE_DATA_DIR``. The cluster profile sets ``IMAGINE_QDRANT__URL`
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +48,55 @@ class StorageSettings(BaseModel):
     presign_ttl_s: int = 3600
 
 
+Role = Literal["reader", "writer", "admin"]
+ROLES: tuple[Role, ...] = ("reader", "writer", "admin")  # each role can do what those before can
+
+
+def hash_api_key(key: str) -> str:
+    """The form an API key is kept in at rest (keys are random tokens: one SHA-256 suffices)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKey(BaseModel):
+    """One API key, at rest: its SHA-256 (``imagine keys new`` prints one), a name for logs."""
+
+    name: str
+    role: Role
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AuthSettings(BaseModel):
+    """API keys. ``enabled`` unset: on, except in the embedded profile (no Qdrant URL) where it
+    is off and the ingress then binds to 127.0.0.1 only."""
+
+    enabled: bool | None = None
+    # JSON: [{"name": "ci", "role": "writer", "sha256": "<hex>"}, ...]
+    keys: list[ApiKey] = []
+
+
+class TlsSettings(BaseModel):
+    """TLS on the gRPC ingress: a PEM certificate (chain) and its private key."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class LimitSettings(BaseModel):
+    """Per-request limits of the gRPC API; a request over one gets INVALID_ARGUMENT (or
+    RESOURCE_EXHAUSTED) naming it."""
+
+    max_query_chars: int = 1000
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_top_k: int = 10_000
+    max_generated: int = 16  # K generated images per query
+    max_steps: int = 100
+    max_request_s: float = 300.0  # a server-side deadline on every unary call
+    # generating calls in flight per client (key, or peer host without keys): one client may
+    # fill one denoising batch (IMAGINE_GENERATOR_BATCH_SIZE), no more
+    max_concurrent_generations: int = 16
+
+
 class _Common(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IMAGINE_", env_nested_delimiter="__", extra="ignore"
@@ -59,13 +110,19 @@ class _Common(BaseSettings):
         default="127.0.0.1:50051", description="The gRPC ingress address (host:port)."
     )
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line with request_id / job_id"
+    )
 
     def ensure_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
 
 class ClientSettings(_Common):
-    """The CLI and Python client: only the address matters."""
+    """The CLI and Python client."""
+
+    api_key: str | None = Field(default=None, description="sent as x-api-key metadata")
+    ca_file: Path | None = Field(default=None, description="PEM CA: connect with TLS")
 
 
 class ServiceSettings(_Common):
@@ -111,6 +168,19 @@ class ServiceSettings(_Common):
     torch_threads: int = 0
     ray_address: str | None = Field(default=None, description="None: start a local Ray")
     num_cpus: int | None = None
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    limits: LimitSettings = LimitSettings()
+    # host:port of the ingress's Prometheus endpoint (GET /metrics); empty: none
+    metrics_address: str = ""
+
+    @property
+    def embedded(self) -> bool:
+        return not self.qdrant.url
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth.enabled if self.auth.enabled is not None else not self.embedded
 
     def generative_specs(self) -> dict[str, str]:
         """The generative models to serve. An empty spec switches one off; a default checkpoint
@@ -159,6 +229,11 @@ class WorkerSettings(ServiceSettings):
     # backoff (1 s, 2 s, ... capped, with jitter); then the job fails with the reason.
     task_max_retries: int = 8
     task_retry_backoff_max_s: int = 60
+    # How the worker calls the ingress (a key with the admin role for the embedded index).
+    api_key: str | None = None
+    ca_file: Path | None = None
+    # host:port of the worker's Prometheus endpoint (task outcomes); empty: none
+    worker_metrics_address: str = ""
 
 
 class TrainSettings(_Common):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 # Ray picks the machine's interface address for a new local cluster on Linux; with this set to 0
@@ -31,7 +30,8 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """JSON lines (or text) with request and job ids, never a stack trace."""
+    from imagine.observability import configure_logging
+
+    configure_logging(level, fmt)

@@ -35,13 +35,45 @@ def _split(values: list[Any], sizes: list[int]) -> list[list[Any]]:
     return out
 
 
+def serve_request_id() -> str:
+    """The request id Ray Serve carries with this call (set by the ingress, passed on by the
+    deployment handles); inside a ``@serve.batch`` method, the ids of the batch's requests."""
+    from ray.serve import context
+
+    batch = context._get_serve_batch_request_context()
+    if batch:
+        return ",".join(sorted({c.request_id for c in batch if c.request_id}))
+    return context._get_serve_request_context().request_id
+
+
 def _setup(torch_threads: int) -> None:
     import torch
 
-    from imagine.runtime import quiet_environment
+    from imagine.config import load_client_settings
+    from imagine.observability import set_request_id_source
+    from imagine.runtime import quiet_environment, setup_logging
 
     quiet_environment()
+    common = load_client_settings()  # the log settings every process shares
+    setup_logging(common.log_level, common.log_format)
+    set_request_id_source(serve_request_id)
     torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+
+
+class BatchStats:
+    """Batches run and requests served by a ``@serve.batch`` method (the ingress scrapes them)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.requests = 0
+
+    def count(self, n: int) -> None:
+        self.batches += 1
+        self.requests += n
+        log.debug("batch of %d requests", n)
+
+    def snapshot(self) -> dict[str, int]:
+        return {"batches": self.batches, "requests": self.requests}
 
 
 def encode_images_or_reasons(
@@ -73,9 +105,13 @@ class _Batched:
     """Applies the configured batch limits to the ``@serve.batch`` method ``encode``."""
 
     def _limits(self, max_batch_size: int, batch_wait_s: float) -> None:
+        self.stats = BatchStats()
         self.max_batch_size = max_batch_size
         self.encode.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.encode.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+
+    def batch_stats(self) -> dict[str, int]:
+        return self.stats.snapshot()
 
 
 @serve.deployment(name="TextEncoder")
@@ -96,7 +132,9 @@ class TextEncoder(_Batched):
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def encode(self, requests: list[list[str]]) -> list[list[np.ndarray]]:
+        self.stats.count(len(requests))
         texts, sizes = _flatten(requests)
+        log.info("TextEncoder: %d texts in a batch of %d requests", len(texts), len(requests))
         vectors = list(self.encoder.encode_text(texts)) if texts else []
         return _split(vectors, sizes)
 
@@ -122,6 +160,7 @@ class ImageEncoder(_Batched):
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def encode(self, requests: list[list[bytes]]) -> list[list[np.ndarray | str]]:
+        self.stats.count(len(requests))
         items, sizes = _flatten(requests)
         out = encode_images_or_reasons(
             items, self.encoder.encode_images, self.max_pixels, self.max_batch_size
@@ -155,6 +194,7 @@ class VisionEncoder(_Batched):
     async def encode(
         self, requests: list[list[bytes | Image.Image]]
     ) -> list[list[np.ndarray | str]]:
+        self.stats.count(len(requests))
         items, sizes = _flatten(requests)
         out = encode_images_or_reasons(
             items, self.encoder.encode_images, self.max_pixels, self.max_batch_size
@@ -181,6 +221,10 @@ class Generator:
         self.generate.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.generate.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
         self.batch_sizes: list[int] = []
+        self.stats = BatchStats()
+
+    def batch_stats(self) -> dict[str, int]:
+        return self.stats.snapshot()
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.generator.model_version, "batches": self.batch_sizes[-100:]}
@@ -188,6 +232,8 @@ class Generator:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
         self.batch_sizes.append(len(calls))
+        self.stats.count(len(calls))
+        log.info("Generator: a batch of %d queries", len(calls))
         groups: dict[tuple[int, int, float], list[int]] = {}
         for i, (_, k, steps, guidance, _) in enumerate(calls):
             groups.setdefault((k, steps, guidance), []).append(i)

@@ -23,10 +23,23 @@ from ray.serve.handle import DeploymentHandle
 from imagine.config import ServiceSettings
 from imagine.index import QdrantIndex
 from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore, open_job_store
+from imagine.observability import (
+    BATCH_ITEMS,
+    BATCH_SIZE,
+    BATCHES,
+    JOB_OBJECTS,
+    JOB_PROGRESS,
+    JOBS,
+    serve_metrics,
+)
 from imagine.queueing import broker_config
 from imagine.storage import ObjectLinks
+from services.guard import GenerationSlots, Guard
 from services.query import GenerativeInfo, QueryEngine, SamplingDefaults
 from services.servicers import Backend, add_all
+
+METRICS_POLL_S = 15.0  # each poll is a call per deployment (and a line in its log)
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 log = logging.getLogger("imagine.ingress")
 
@@ -111,6 +124,70 @@ async def redeliver_forever(
             log.exception("redelivery round failed")
 
 
+async def poll_metrics_forever(handles: dict[str, DeploymentHandle], jobs: SqliteJobStore) -> None:
+    """Keep the gauges of other processes fresh: each deployment's batches, the job records."""
+    while True:
+        for name, handle in handles.items():
+            try:
+                st = await asyncio.wait_for(handle.batch_stats.remote(), METRICS_POLL_S)
+            except Exception as exc:
+                log.debug("batch stats of %s: %s", name, type(exc).__name__)
+                continue
+            BATCHES.labels(name).set(st["batches"])
+            BATCH_ITEMS.labels(name).set(st["requests"])
+            BATCH_SIZE.labels(name).set(st["requests"] / st["batches"] if st["batches"] else 0)
+        try:
+            recent = await asyncio.to_thread(jobs.list, "", 500)
+        except Exception as exc:
+            log.warning("job metrics: %s", type(exc).__name__)
+            recent = []
+        states: dict[str, int] = {}
+        objects = {"total": 0, "embedded": 0, "skipped": 0, "failed": 0, "removed": 0}
+        JOB_PROGRESS.clear()
+        for j in recent:
+            states[j.state.value] = states.get(j.state.value, 0) + 1
+            for k in objects:
+                objects[k] += getattr(j, k)
+            if not j.state.terminal:
+                JOB_PROGRESS.labels(j.id).set(j.processed / j.total if j.total else 0.0)
+        for state in ("QUEUED", "RUNNING", "SUCCEEDED", "SUCCEEDED_WITH_ERRORS", "FAILED",
+                      "CANCELLED"):  # fmt: skip
+            JOBS.labels(state).set(states.get(state, 0))
+        for k, v in objects.items():
+            JOB_OBJECTS.labels(k).set(v)
+        await asyncio.sleep(METRICS_POLL_S)
+
+
+def listen_address(s: ServiceSettings, auth_on: bool) -> str:
+    """Without authentication the ingress listens on loopback only."""
+    host, _, port = s.grpc_address.rpartition(":")
+    if auth_on or host in LOOPBACK_HOSTS:
+        return s.grpc_address
+    log.warning(
+        "authentication is off (embedded profile): listening on 127.0.0.1:%s instead of %s; "
+        "set IMAGINE_AUTH__KEYS and IMAGINE_AUTH__ENABLED=true to serve other hosts",
+        port,
+        s.grpc_address,
+    )
+    return f"127.0.0.1:{port}"
+
+
+def server_credentials(s: ServiceSettings) -> grpc.ServerCredentials | None:
+    cert, key = s.tls.cert_file, s.tls.key_file
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise RuntimeError("TLS needs both IMAGINE_TLS__CERT_FILE and IMAGINE_TLS__KEY_FILE")
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+
+
+def _bind_serve_request_id(rid: str) -> None:
+    """Make the deployment handles carry ``rid`` as Ray Serve's request id."""
+    from ray.serve import context
+
+    context._set_request_context(request_id=rid)
+
+
 def open_index(settings: ServiceSettings) -> QdrantIndex:
     return QdrantIndex.from_settings(settings.qdrant, settings.qdrant_path)
 
@@ -129,7 +206,14 @@ class Ingress:
         from imagine.runtime import setup_logging
 
         s = ServiceSettings.model_validate(settings)
-        setup_logging(s.log_level)
+        setup_logging(s.log_level, s.log_format)
+        auth_on = s.auth_enabled
+        if auth_on and not s.auth.keys:
+            raise RuntimeError(
+                "authentication is on but no API key is configured: set IMAGINE_AUTH__KEYS "
+                "(`imagine keys new --role admin` prints one)"
+            )
+        credentials = server_credentials(s)
         info = await text.info.remote()
         version, vectors = info["model_version"], {"image": info["dim"]}
         if vision is not None:
@@ -163,18 +247,28 @@ class Ingress:
             vectors=vectors,
             default_chunk_size=s.default_chunk_size,
             engine=QueryEngine(
-                encoders, self.index, version, generative, defaults, s.query_cache_size
+                encoders,
+                self.index,
+                version,
+                generative,
+                defaults,
+                s.query_cache_size,
+                s.limits,
             ),
             generative=generative,
             defaults=defaults,
             links=ObjectLinks(s.storage),
+            limits=s.limits,
+            slots=GenerationSlots(s.limits.max_concurrent_generations),
         )
         # No SO_REUSEPORT: a second server on the same address must fail, not share it.
+        guard = Guard(s.auth.keys if auth_on else None, s.limits, _bind_serve_request_id)
         self.server = grpc.aio.server(
+            interceptors=[guard],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ]
+            ],
         )
         names = add_all(self.server, self.backend, with_index=not s.qdrant.url)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -184,11 +278,32 @@ class Ingress:
         reflection.enable_server_reflection(
             [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server
         )
-        if self.server.add_insecure_port(s.grpc_address) == 0:
-            raise RuntimeError(f"cannot listen on {s.grpc_address}")
+        address = listen_address(s, auth_on)
+        if credentials is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, credentials)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
         await self.server.start()
-        self.address = s.grpc_address
-        log.info("gRPC ingress listening on %s (model %s)", s.grpc_address, info["model_version"])
+        self.address = address
+        self.metrics = None
+        if s.metrics_address:
+            serve_metrics(s.metrics_address)
+            handles = {"TextEncoder": text, "ImageEncoder": image}
+            handles |= {"VisionEncoder": vision} if vision is not None else {}
+            handles |= {"Generator": generator} if generator is not None else {}
+            self.metrics = asyncio.get_running_loop().create_task(
+                poll_metrics_forever(handles, jobs)
+            )
+        log.info(
+            "gRPC ingress listening on %s (model %s, %s, authentication %s)%s",
+            address,
+            info["model_version"],
+            "TLS" if credentials else "plaintext",
+            "on" if auth_on else "off",
+            f"; metrics on http://{s.metrics_address}/metrics" if s.metrics_address else "",
+        )
 
     async def address_info(self) -> dict[str, Any]:
         gen = self.backend.generative
@@ -208,9 +323,9 @@ class Ingress:
             raise RuntimeError("gRPC server is not running")
 
     async def __del__(self) -> None:
-        redelivery = getattr(self, "redelivery", None)
-        if redelivery is not None:
-            redelivery.cancel()
+        for task in (getattr(self, "redelivery", None), getattr(self, "metrics", None)):
+            if task is not None:
+                task.cancel()
         server = getattr(self, "server", None)
         if server is not None:
             await server.stop(grace=2)

@@ -18,20 +18,48 @@ import numpy as np
 from PIL import Image
 
 from imagine.cache import LRUCache
+from imagine.config import LimitSettings
 from imagine.fusion import resolve_weights
 from imagine.index import CollectionInfo, ModelVersionMismatch, VectorIndex
+from imagine.observability import QUERY_CACHE, STAGE_SECONDS
 from protos.gen.imagine.v1 import retrieval_service_pb2 as ret_pb
 
-MAX_TOP_K = 10_000
-MAX_QUERY_CHARS = 1000
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_GENERATED = 16
-MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
 
 
 class BadRequest(ValueError):
-    pass
+    """INVALID_ARGUMENT: the message says what is wrong."""
+
+
+class TooManyRequests(RuntimeError):
+    """RESOURCE_EXHAUSTED: a per-client limit; the message names it."""
+
+
+def over_limit(what: str, value: object, limit_name: str, limits: LimitSettings) -> BadRequest:
+    """The error of a request over a configured limit, naming the limit and its variable."""
+    limit = getattr(limits, limit_name)
+    return BadRequest(
+        f"{what} ({value}) exceeds the limit {limit_name}={limit} "
+        f"(IMAGINE_LIMITS__{limit_name.upper()})"
+    )
+
+
+def check_image(data: bytes, what: str, limits: LimitSettings) -> None:
+    """Bytes and pixels (from the header, before decoding) of a request image."""
+    if len(data) > limits.max_image_bytes:
+        raise over_limit(f"{what} size in bytes", len(data), "max_image_bytes", limits)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception:
+        return  # not an image: the encoder says why, per image
+    if w * h > limits.max_image_pixels:
+        raise over_limit(f"{what} pixels ({w}x{h})", w * h, "max_image_pixels", limits)
+
+
+def check_text(text: str, what: str, limits: LimitSettings) -> None:
+    if len(text) > limits.max_query_chars:
+        raise over_limit(f"{what} length in characters", len(text), "max_query_chars", limits)
 
 
 class Encoders(Protocol):
@@ -92,7 +120,9 @@ class QueryEngine:
         generative: Generative | None,
         defaults: SamplingDefaults,
         cache_size: int,
+        limits: LimitSettings | None = None,
     ) -> None:
+        self.limits = limits or LimitSettings()
         self.encoders = encoders
         self.index = index
         self.model_version = model_version
@@ -103,8 +133,10 @@ class QueryEngine:
     async def search(self, req: Any) -> Any:
         t: dict[str, float] = {}
         start = time.perf_counter()
-        if req.top_k > MAX_TOP_K:
-            raise BadRequest(f"top_k {req.top_k} exceeds the limit of {MAX_TOP_K}")
+        if req.top_k < 0:
+            raise BadRequest(f"top_k {req.top_k} is negative")
+        if req.top_k > self.limits.max_top_k:
+            raise over_limit("top_k", req.top_k, "max_top_k", self.limits)
         top_k = req.top_k or 10
         kind = req.WhichOneof("query")
         queries: dict[str, np.ndarray] = {}
@@ -114,8 +146,7 @@ class QueryEngine:
             text = req.text.strip()
             if not text:
                 raise BadRequest("query text is empty")
-            if len(text) > MAX_QUERY_CHARS:
-                raise BadRequest(f"query text exceeds the limit of {MAX_QUERY_CHARS} characters")
+            check_text(text, "query text", self.limits)
             mode = self._mode(req.mode)
             want_text = mode in ("text", "fused") or "text" in req.path_weights
             want_gen = mode in ("generated", "fused") or "generated" in req.path_weights
@@ -133,8 +164,9 @@ class QueryEngine:
         elif kind == "image":
             if req.mode not in (ret_pb.SEARCH_MODE_UNSPECIFIED, ret_pb.SEARCH_MODE_TEXT):
                 raise BadRequest("generated and fused modes need a text query")
-            if len(req.image) > MAX_IMAGE_BYTES:
-                raise BadRequest(f"query image exceeds the limit of {MAX_IMAGE_BYTES} bytes")
+            if not req.image:
+                raise BadRequest("query image is empty")
+            check_image(req.image, "query image", self.limits)
             (res,) = await self.encoders.images([req.image])
             if isinstance(res, str):
                 raise BadRequest(f"query image: {res}")
@@ -157,6 +189,9 @@ class QueryEngine:
         )
         t["search"] = (time.perf_counter() - t0) * 1e3
         t["total"] = (time.perf_counter() - start) * 1e3
+        for stage, ms in t.items():
+            if stage != "total":
+                STAGE_SECONDS.labels(stage).observe(ms / 1e3)
         return hits, weights, t, generated_pngs if req.explain else [], cache_hit
 
     def _mode(self, mode: int) -> str:
@@ -199,10 +234,7 @@ class QueryEngine:
         k = req.num_generated or self.defaults.num_generated
         steps = req.steps or self.defaults.steps
         guidance = req.guidance or self.defaults.guidance
-        if not 1 <= k <= MAX_GENERATED:
-            raise BadRequest(f"num_generated {k} is outside 1..{MAX_GENERATED}")
-        if not 1 <= steps <= MAX_STEPS:
-            raise BadRequest(f"steps {steps} is outside 1..{MAX_STEPS}")
+        check_sampling(k, steps, "num_generated", self.limits)
         if not (np.isfinite(guidance) and 0 < guidance <= MAX_GUIDANCE):
             raise BadRequest(f"guidance {guidance} is outside (0, {MAX_GUIDANCE}]")
         if req.aggregation not in _AGGREGATION:
@@ -220,6 +252,7 @@ class QueryEngine:
             int(req.seed),
         )
         cached = self.cache.get(key)
+        QUERY_CACHE.labels("hit" if cached is not None else "miss").inc()
         if cached is not None:
             return cached[0], cached[1], True
         start = time.perf_counter()
@@ -239,6 +272,24 @@ class QueryEngine:
         pngs = [png_bytes(img) for img in images]
         self.cache.put(key, (agg, pngs))
         return agg, pngs, False
+
+
+def check_sampling(k: int, steps: int, k_name: str, limits: LimitSettings) -> None:
+    if k < 1:
+        raise BadRequest(f"{k_name} {k} is below 1")
+    if k > limits.max_generated:
+        raise over_limit(k_name, k, "max_generated", limits)
+    if steps < 1:
+        raise BadRequest(f"steps {steps} is below 1")
+    if steps > limits.max_steps:
+        raise over_limit("steps", steps, "max_steps", limits)
+
+
+def wants_generation(req: Any, generative: Generative | None) -> bool:
+    """Whether a Search request will run the generator (and so takes a generation slot)."""
+    if generative is None or req.WhichOneof("query") != "text":
+        return False
+    return req.mode != ret_pb.SEARCH_MODE_TEXT or "generated" in req.path_weights
 
 
 def check_version(info: CollectionInfo, model_version: str) -> None:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from imagine.config import StorageSettings
+from imagine.config import LimitSettings, StorageSettings
 from imagine.fusion import FusionError
 from imagine.index import (
     AliasError,
@@ -32,6 +33,7 @@ from imagine.index import (
     VectorIndex,
 )
 from imagine.jobs import Job, JobNotFound, SqliteJobStore
+from imagine.observability import current_request_id, redact
 from imagine.storage import ObjectLinks
 from protos.gen.imagine.v1 import (
     collection_service_pb2 as col_pb,
@@ -66,24 +68,28 @@ from protos.gen.imagine.v1 import (
 from protos.gen.imagine.v1 import (
     retrieval_service_pb2_grpc as ret_grpc,
 )
+from services.guard import GenerationSlots
 from services.query import (
-    MAX_GENERATED,
     MAX_GUIDANCE,
-    MAX_IMAGE_BYTES,
-    MAX_QUERY_CHARS,
-    MAX_STEPS,
     BadRequest,
     Encoders,
     Generative,
     QueryEngine,
     SamplingDefaults,
+    TooManyRequests,
+    check_sampling,
+    check_text,
+    over_limit,
     png_bytes,
+    wants_generation,
 )
 
 log = logging.getLogger("imagine.ingress")
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_BATCH = 256
+VECTOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_VECTOR_SIZE = 65_536
 WATCH_POLL_S = 0.25
 
 
@@ -104,6 +110,8 @@ class Backend:
     generative: Generative | None = None
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     links: ObjectLinks = field(default_factory=lambda: ObjectLinks(StorageSettings()))
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    slots: GenerationSlots = field(default_factory=lambda: GenerationSlots(4))
 
 
 R = TypeVar("R")
@@ -127,22 +135,48 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, name: str) -
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     code, message = _status(exc)
+    rid = current_request_id() or uuid.uuid4().hex[:16]
     if code is grpc.StatusCode.INTERNAL:
-        rid = uuid.uuid4().hex[:12]
-        log.exception("%s failed (request id %s)", name, rid)
+        # One line with the error's type and message (redacted), never a stack trace.
+        log.error("%s failed (request id %s): %s: %s", name, rid, type(exc).__name__, exc)
         message = f"internal error (request id {rid})"
-    await context.abort(code, message)
+    elif code is grpc.StatusCode.UNAVAILABLE:
+        log.warning("%s: %s", name, message)
+    await context.abort(code, redact(message))
+
+
+# Ray errors of a deployment that is down or overloaded (matched by name: no Ray import here).
+_UNAVAILABLE_NAMES = {
+    "RayActorError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "ActorUnschedulableError",
+    "BackPressureError",
+    "DeploymentUnavailableError",
+    "RaySystemError",
+    "GetTimeoutError",
+}
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, BadRequest | FusionError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, TooManyRequests):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CollectionNotFound | JobNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")
     if isinstance(exc, ModelVersionMismatch | AliasError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, IndexUnavailable | ConnectionError):
-        return grpc.StatusCode.UNAVAILABLE, f"a dependency is unavailable, retry later: {exc}"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "a dependency did not answer in time"
+    if isinstance(exc, IndexUnavailable | ConnectionError) or any(
+        t.__name__ in _UNAVAILABLE_NAMES for t in type(exc).__mro__
+    ):
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"a dependency is unavailable ({detail}); retry with backoff",
+        )
     return grpc.StatusCode.INTERNAL, ""
 
 
@@ -169,7 +203,12 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
     @rpc
     async def Search(self, request: Any, context: Any) -> Any:
         check_collection(request.collection)
-        hits, weights, timings, pngs, cache_hit = await self.b.engine.search(request)
+        if wants_generation(request, self.b.generative):
+            with self.b.slots.hold():
+                found = await self.b.engine.search(request)
+        else:
+            found = await self.b.engine.search(request)
+        hits, weights, timings, pngs, cache_hit = found
         resp = ret_pb.SearchResponse(
             model_version=self.b.model_version, weights=weights, cache_hit=cache_hit
         )
@@ -204,8 +243,7 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
         for i, t in enumerate(texts):
             if not t.strip():
                 raise BadRequest(f"texts[{i}] is empty")
-            if len(t) > MAX_QUERY_CHARS:
-                raise BadRequest(f"texts[{i}] exceeds the limit of {MAX_QUERY_CHARS} characters")
+            check_text(t, f"texts[{i}]", self.b.limits)
         vecs = await self.b.encoders.text(texts)
         return mod_pb.EncodeTextResponse(
             embeddings=[common_pb2.Vector(values=v.tolist()) for v in vecs],
@@ -221,8 +259,10 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
             known = ", ".join(sorted(self.b.vectors))
             raise BadRequest(f"unknown image vector {request.vector!r}; this model has: {known}")
         for i, img in enumerate(images):
-            if len(img) > MAX_IMAGE_BYTES:
-                raise BadRequest(f"images[{i}] exceeds the limit of {MAX_IMAGE_BYTES} bytes")
+            if len(img) > self.b.limits.max_image_bytes:
+                raise over_limit(
+                    f"images[{i}] size in bytes", len(img), "max_image_bytes", self.b.limits
+                )
         if vector == "visual":
             results = await self.b.encoders.visual(images)
         else:
@@ -245,17 +285,16 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
         prompt = request.prompt.strip()
         if not prompt:
             raise BadRequest("prompt is empty")
-        if len(prompt) > MAX_QUERY_CHARS:
-            raise BadRequest(f"prompt exceeds the limit of {MAX_QUERY_CHARS} characters")
+        check_text(prompt, "prompt", self.b.limits)
         d = self.b.defaults
         k = request.num_images or d.num_generated
         steps = request.steps or d.steps
         guidance = request.guidance or d.guidance
-        if not 1 <= k <= MAX_GENERATED or not 1 <= steps <= MAX_STEPS:
-            raise BadRequest(f"num_images must be 1..{MAX_GENERATED} and steps 1..{MAX_STEPS}")
-        if not 0 < guidance <= MAX_GUIDANCE:
+        check_sampling(k, steps, "num_images", self.b.limits)
+        if not (math.isfinite(guidance) and 0 < guidance <= MAX_GUIDANCE):
             raise BadRequest(f"guidance {guidance} is outside (0, {MAX_GUIDANCE}]")
-        images = await gen.generate(prompt, k, steps, float(guidance), int(request.seed))
+        with self.b.slots.hold():
+            images = await gen.generate(prompt, k, steps, float(guidance), int(request.seed))
         return mod_pb.GenerateResponse(
             images=[png_bytes(i) for i in images], model_version=gen.info.generator_version
         )
@@ -393,6 +432,8 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
         name = check_collection(request.collection)
         source = check_source(request.source)
         chunk = request.chunk_size or b.default_chunk_size
+        if chunk < 0:
+            raise BadRequest(f"chunk_size {chunk} is negative")
         if chunk > 10_000:
             raise BadRequest(f"chunk_size {chunk} exceeds the limit of 10000")
         await asyncio.to_thread(b.index.ensure_collection, name, b.vectors, b.model_version)
@@ -412,11 +453,14 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
         except Exception as exc:
             await asyncio.to_thread(b.jobs.fail, job.id, f"could not queue the job: {exc}")
             raise IndexUnavailable(f"the job queue is unavailable: {exc}") from exc
+        log.info("ingest job %s queued: %s -> %s", job.id, source, name)
         return ing_pb.CreateIngestJobResponse(job=job_pb(job))
 
     @rpc
     async def ListIngestJobFailures(self, request: Any, context: Any) -> Any:
         size = request.page_size or 1000
+        if size < 0:
+            raise BadRequest(f"page_size {size} is negative")
         if size > 10_000:
             raise BadRequest(f"page_size {size} exceeds the limit of 10000")
         page = await asyncio.to_thread(
@@ -458,6 +502,8 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
     @rpc
     async def ListIngestJobs(self, request: Any, context: Any) -> Any:
         size = request.page_size or 50
+        if size < 0:
+            raise BadRequest(f"page_size {size} is negative")
         if size > 1000:
             raise BadRequest("page_size exceeds the limit of 1000")
         jobs = await asyncio.to_thread(self.b.jobs.list, request.collection, size)
@@ -474,6 +520,16 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
     @rpc
     async def EnsureCollection(self, request: Any, context: Any) -> Any:
         name = check_collection(request.collection)
+        if not request.vectors:
+            raise BadRequest("no vectors given")
+        for vec, size in request.vectors.items():
+            if not VECTOR_NAME.match(vec) or not 1 <= size <= MAX_VECTOR_SIZE:
+                raise BadRequest(
+                    f"bad vector {vec!r} of size {size}: a lower-case name and a size in "
+                    f"1..{MAX_VECTOR_SIZE}"
+                )
+        if not request.model_version.strip():
+            raise BadRequest("model_version is empty")
         await asyncio.to_thread(
             self.b.index.ensure_collection, name, dict(request.vectors), request.model_version
         )
@@ -488,15 +544,25 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
 
     @rpc
     async def UpsertPoints(self, request: Any, context: Any) -> Any:
-        points = [
-            Point(
-                id=p.id,
-                vectors={k: list(v.values) for k, v in p.vectors.items()},
-                payload=json_format.MessageToDict(p.payload),
+        name = check_collection(request.collection)
+        points = []
+        for i, p in enumerate(request.points):
+            vectors: dict[str, Sequence[float]] = {k: list(v.values) for k, v in p.vectors.items()}
+            if not vectors or not all(v and all(map(math.isfinite, v)) for v in vectors.values()):
+                raise BadRequest(f"points[{i}]: every point needs finite, non-empty vectors")
+            points.append(
+                Point(
+                    id=check_point_id(p.id, f"points[{i}].id"),
+                    vectors=vectors,
+                    payload=json_format.MessageToDict(p.payload),
+                )
             )
-            for p in request.points
-        ]
-        await asyncio.to_thread(self.b.index.upsert, check_collection(request.collection), points)
+        try:
+            await asyncio.to_thread(self.b.index.upsert, name, points)
+        except ValueError as exc:  # the index refused the vectors (unknown name, wrong size)
+            if "Wrong input" not in str(exc):
+                raise
+            raise BadRequest(f"points do not fit collection {name!r}: {exc}") from exc
         return idx_pb.UpsertPointsResponse()
 
     @rpc
@@ -505,16 +571,25 @@ class IndexServicer(idx_grpc.IndexServiceServicer):
             self.b.index.source_ids,
             check_collection(request.collection),
             request.source,
-            request.page_token or None,
-            min(request.page_size or 1000, 10_000),
+            check_point_id(request.page_token, "page_token") if request.page_token else None,
+            max(1, min(request.page_size or 1000, 10_000)),
         )
         return idx_pb.ListSourcePointsResponse(ids=ids, next_page_token=token or "")
 
     @rpc
     async def DeletePoints(self, request: Any, context: Any) -> Any:
         name = check_collection(request.collection)
-        await asyncio.to_thread(self.b.index.delete, name, list(request.ids))
+        ids = [check_point_id(x, f"ids[{i}]") for i, x in enumerate(request.ids)]
+        await asyncio.to_thread(self.b.index.delete, name, ids)
         return idx_pb.DeletePointsResponse()
+
+
+def check_point_id(value: str, what: str) -> str:
+    """Point ids are UUIDs (``imagine.index.point_id``)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest(f"{what} {value[:64]!r} is not a point id (a UUID)") from None
 
 
 def add_all(server: grpc.aio.Server, backend: Backend, with_index: bool) -> list[str]:

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,11 +148,12 @@ class Stack:
     env: dict[str, str]
     proc: subprocess.Popen[bytes]
     log: Path
+    client_kwargs: dict[str, Any] = field(default_factory=dict)  # api_key, ca_file, ...
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self, **overrides: Any):  # type: ignore[no-untyped-def]
         from imagine.client import ImagineClient
 
-        return ImagineClient(self.address, timeout_s=120)
+        return ImagineClient(self.address, **{"timeout_s": 120, **self.client_kwargs, **overrides})
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -174,7 +176,10 @@ class Stack:
 
 
 def start_stack(
-    data_dir: Path, extra_env: dict[str, str] | None = None, serve_args: tuple[str, ...] = ()
+    data_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    serve_args: tuple[str, ...] = (),
+    client_kwargs: dict[str, Any] | None = None,
 ) -> Stack:
     from imagine.client import ImagineClient
 
@@ -200,9 +205,9 @@ def start_stack(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    stack = Stack(address, data_dir, env, proc, log)
+    stack = Stack(address, data_dir, env, proc, log, dict(client_kwargs or {}))
     deadline = time.monotonic() + 300
-    with ImagineClient(address, timeout_s=5) as c:
+    with ImagineClient(address, timeout_s=5, retries=0, **stack.client_kwargs) as c:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"imagine serve exited early:\n{log.read_text()[-4000:]}")

@@ -13,7 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_environment()
     settings = load_worker_settings()
     settings.ensure_dirs()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.worker_metrics_address:
+        from imagine.observability import serve_metrics
+
+        serve_metrics(settings.worker_metrics_address)
     app = create_app(settings)
     args = [
         "worker",

@@ -12,11 +12,13 @@ import logging
 import threading
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 
 from imagine.config import WorkerSettings, load_worker_settings
 from imagine.index import IndexUnavailable
 from imagine.jobs import TASK_RUN_CHUNK, TASK_RUN_JOB, SqliteJobStore, open_job_store
+from imagine.observability import WORKER_TASKS, redact
+from imagine.observability import job_id as current_job
 from imagine.queueing import broker_config
 from imagine.storage import StoreUnavailable, open_store
 from workers.ingest import IngestContext, run_chunk, run_job
@@ -49,7 +51,13 @@ class _Context:
         from workers.remote import GrpcEncoder, RemoteIndex
 
         s = self.settings
-        client = ImagineClient(s.grpc_address, timeout_s=300)
+        client = ImagineClient(
+            s.grpc_address,
+            timeout_s=300,
+            api_key=s.api_key,
+            ca_file=s.ca_file,
+            request_id=_job_request_id,  # the ingress and the encoders log the job's id
+        )
         index: PointStore
         if s.qdrant.url:
             index = QdrantIndex.from_settings(s.qdrant, s.qdrant_path)
@@ -70,6 +78,7 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     cfg = settings or load_worker_settings()
     app = Celery("imagine")
     app.conf.update(broker_config(cfg))
+    app.conf.worker_hijack_root_logger = False  # our JSON lines, with the job id
     context = _Context(cfg)
 
     class JobTask(Task):  # type: ignore[misc]
@@ -85,7 +94,7 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
             self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any
         ) -> None:
             job_id = args[0] if args else kwargs.get("job_id")
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = redact(f"{type(exc).__name__}: {exc}")
             log.error("task %s for job %s failed: %s", self.name, job_id, reason)
             if job_id:
                 context.jobs().fail(job_id, reason)
@@ -102,3 +111,38 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
         run_chunk(context.get(), job_id, chunk_no, [(k, e, lbl) for k, e, lbl in items])
 
     return app
+
+
+def _job_request_id() -> str:
+    job = current_job.get()
+    return f"job-{job}" if job else ""
+
+
+def _short(name: str | None) -> str:
+    return (name or "unknown").rsplit(".", 1)[-1]
+
+
+# Every log line of a task carries its job id; each outcome is counted.
+@signals.task_prerun.connect
+def _on_prerun(task: Any = None, args: Any = None, **_: Any) -> None:
+    current_job.set(str(args[0]) if args else "")
+
+
+@signals.task_postrun.connect
+def _on_postrun(**_: Any) -> None:
+    current_job.set("")
+
+
+@signals.task_success.connect
+def _on_success(sender: Any = None, **_: Any) -> None:
+    WORKER_TASKS.labels(_short(getattr(sender, "name", None)), "succeeded").inc()
+
+
+@signals.task_retry.connect
+def _on_retry(sender: Any = None, **_: Any) -> None:
+    WORKER_TASKS.labels(_short(getattr(sender, "name", None)), "retried").inc()
+
+
+@signals.task_failure.connect
+def _on_failure(sender: Any = None, **_: Any) -> None:
+    WORKER_TASKS.labels(_short(getattr(sender, "name", None)), "failed").inc()

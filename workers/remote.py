@@ -8,6 +8,7 @@ gRPC UNAVAILABLE / DEADLINE_EXCEEDED become :class:`TransientError` so tasks ret
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -61,8 +62,11 @@ class GrpcEncoder:
 
     def encode_images(self, images: list[bytes]) -> list[dict[str, list[float]] | str]:
         # One RPC per vector, in flight together: each encoder deployment batches its own.
+        # (each in a copy of this thread's context: the calls carry the task's job id)
         futures = {
-            name: _POOL.submit(call, self.client.encode_images, images, name)
+            name: _POOL.submit(
+                contextvars.copy_context().run, call, self.client.encode_images, images, name
+            )
             for name in self.vectors
         }
         per_vector = {name: f.result()[0] for name, f in futures.items()}

@@ -456,6 +456,8 @@ def test_with_every_generative_model_on_the_profile_still_fits(overlay: str) -> 
 
 # -- configuration congruence -------------------------------------------------------------------
 def _model_type(annotation: Any) -> type[BaseModel] | None:
+    if typing.get_origin(annotation) is list:  # a list of models is one JSON variable
+        return None
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
@@ -479,6 +481,14 @@ def env_names(cls: type[BaseModel], prefix: str | None = None, delimiter: str = 
 
 STORAGE_NAMES = env_names(StorageSettings, "IMAGINE_STORAGE__")
 _SERVICE_SIDE = "read by the model deployments, not by the worker"
+_PLAINTEXT_IN_CLUSTER = (
+    "gRPC inside the cluster is plaintext behind the NetworkPolicies (kubelet gRPC probes speak "
+    "no TLS); an overlay that terminates TLS at the ingress sets the cert, key and CA files"
+)
+_LIMITS = [
+    "MAX_QUERY_CHARS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_TOP_K", "MAX_GENERATED",
+    "MAX_STEPS", "MAX_REQUEST_S", "MAX_CONCURRENT_GENERATIONS",
+]  # fmt: skip
 # The settings each process may leave at their defaults, and why. Every other setting of that
 # process must be set by the manifests; nothing else may be set.
 DEFAULTS_OK: dict[str, dict[str, str]] = {
@@ -497,6 +507,8 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
         "IMAGINE_DEFAULT_STEPS": "a request default; each Search may set its own",
         "IMAGINE_DEFAULT_GUIDANCE": "a request default",
         "IMAGINE_QUERY_CACHE_SIZE": "1024 generated-query vectors per ingress",
+        "IMAGINE_TLS__CERT_FILE": _PLAINTEXT_IN_CLUSTER,
+        "IMAGINE_TLS__KEY_FILE": _PLAINTEXT_IN_CLUSTER,
     },
     "worker": {
         "IMAGINE_QDRANT__TIMEOUT_S": "30 s suits an in-cluster Qdrant",
@@ -522,12 +534,20 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
         "IMAGINE_TORCH_THREADS": _SERVICE_SIDE,
         "IMAGINE_RAY_ADDRESS": _SERVICE_SIDE,
         "IMAGINE_NUM_CPUS": _SERVICE_SIDE,
+        "IMAGINE_AUTH__ENABLED": _SERVICE_SIDE,
+        "IMAGINE_AUTH__KEYS": _SERVICE_SIDE,
+        "IMAGINE_TLS__CERT_FILE": _SERVICE_SIDE,
+        "IMAGINE_TLS__KEY_FILE": _SERVICE_SIDE,
+        "IMAGINE_METRICS_ADDRESS": "the worker serves IMAGINE_WORKER_METRICS_ADDRESS",
+        **{f"IMAGINE_LIMITS__{k}": _SERVICE_SIDE for k in _LIMITS},
+        "IMAGINE_CA_FILE": _PLAINTEXT_IN_CLUSTER,
     },
     "trainer": {
         "IMAGINE_DATA_DIR": "the job passes --output",
         "IMAGINE_GRPC_ADDRESS": "the trainer calls no service",
         "IMAGINE_STORAGE__REGION": "MinIO needs no region",
         "IMAGINE_STORAGE__PRESIGN_TTL_S": "the trainer makes no URLs",
+        "IMAGINE_LOG_FORMAT": "the trainer shows progress bars; it configures no log format",
     },
 }
 # IMAGINE_* names the code reads from the environment outside the settings classes.
