@@ -496,7 +496,6 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
         "IMAGINE_QDRANT__TIMEOUT_S": "30 s suits an in-cluster Qdrant",
         "IMAGINE_STORAGE__REGION": "MinIO needs no region",
         "IMAGINE_STORAGE__PRESIGN_TTL_S": "hit URLs valid for an hour",
-        "IMAGINE_JOBS_URL": "not implemented: job records are SQLite under IMAGINE_DATA_DIR",
         "IMAGINE_DEFAULT_CHUNK_SIZE": "256; a job may ask for another chunk size",
         "IMAGINE_ENCODER_REPLICAS": "serveConfigV2 sets each deployment's replicas",
         "IMAGINE_ENCODER_NUM_CPUS": "serveConfigV2 sets ray_actor_options",
@@ -514,7 +513,6 @@ DEFAULTS_OK: dict[str, dict[str, str]] = {
         "IMAGINE_QDRANT__TIMEOUT_S": "30 s suits an in-cluster Qdrant",
         "IMAGINE_STORAGE__REGION": "MinIO needs no region",
         "IMAGINE_STORAGE__PRESIGN_TTL_S": "hit URLs are made by the ingress",
-        "IMAGINE_JOBS_URL": "not implemented: job records are SQLite under IMAGINE_DATA_DIR",
         "IMAGINE_DEFAULT_CHUNK_SIZE": "the ingress decides a job's chunk size",
         "IMAGINE_MODEL": "the worker takes the model version from the encoders it calls",
         "IMAGINE_VISION_MODEL": "the worker takes the vectors from the services",
@@ -800,15 +798,18 @@ def test_keda_scales_the_workers_on_the_celery_queue(stack: str) -> None:
     assert pod["containers"][0]["command"] == ["python", "-m", "workers"]
     # warm shutdown finishes running chunks: give it minutes, not the default 30 s
     assert pod["terminationGracePeriodSeconds"] >= 120
-    # the job store is node-local SQLite: workers and the ingress pod share a node
+    # the job store is PostgreSQL: workers and the ingress may run on any node, and reach it
     ingress = pod_by_component(docs, "ingress")
-    for labels, spec in (
-        (deployment["spec"]["template"]["metadata"]["labels"], pod),
-        (ingress.labels, ingress.spec),
-    ):
-        (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-        assert term["topologyKey"] == "kubernetes.io/hostname"
-        assert selects(term["labelSelector"], labels), "must match itself (first pod)"
+    postgres = pod_by_component(docs, "postgres")
+    template = deployment["spec"]["template"]
+    worker = Pod("Deployment/imagine-worker", template["metadata"]["labels"], template["spec"])
+    for p in (worker, ingress):
+        assert "affinity" not in p.spec or "podAffinity" not in p.spec["affinity"], p.owner
+        assert not any(v.get("persistentVolumeClaim") for v in p.spec.get("volumes", []))
+        env = {e["name"]: e for c in p.containers() for e in c.get("env", [])}
+        assert env["IMAGINE_JOBS_URL"]["value"].startswith("postgresql://imagine:$(JOBS_DB")
+        assert env["JOBS_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "jobs-db"
+    assert postgres.spec["containers"][0]["env"][0]["name"] == "POSTGRES_USER"
 
 
 # -- probes, resources, budgets, images ---------------------------------------------------------
@@ -832,7 +833,7 @@ def test_workloads_have_probes_resources_budgets_and_run_as_non_root(overlay: st
             )
     if overlay in STACKS:
         names = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
-        assert names == {"qdrant", "minio", "redis"}
+        assert names == {"qdrant", "minio", "redis", "postgres"}
         grpc_probe = pod_by_component(docs, "ingress").containers()[0]["readinessProbe"]
         assert "grpc" in grpc_probe
 
@@ -925,6 +926,8 @@ def test_network_policies_let_only_the_needed_connections_through(stack: str) ->
         ("worker", "redis", 6379),
         ("keda", "redis", 6379),
         ("worker", "minio", 9000),
+        ("ingress", "postgres", 5432),
+        ("worker", "postgres", 5432),
         ("ingress", "minio", 9000),
         ("encoders", "minio", 9000),
         ("trainer", "minio", 9000),
@@ -949,6 +952,9 @@ def test_network_policies_let_only_the_needed_connections_through(stack: str) ->
         ("trainer", "redis", 6379),
         ("other-ns", "redis", 6379),
         ("stranger", "minio", 9000),
+        ("stranger", "postgres", 5432),
+        ("encoders", "postgres", 5432),
+        ("trainer", "postgres", 5432),
         ("client-pod", "minio", 9000),
         ("worker", "minio", 9001),
         ("trainer", "ray-head", 6379),
