@@ -11,6 +11,7 @@ Stages, in the order the default models are made (each writes checkpoints/NAME):
   vision        the vision-only encoder (the gallery's `visual` vectors)           fmnist-vision
   generator     the text-conditioned diffusion generator                          fmnist-generator
   aggregator    the CLE-TIR aggregator and fusion weight (needs the three above)  fmnist-aggregator
+  captioner     the caption decoder: cross-entropy, then self-critical (GXN)      fmnist-captioner
 """
 
 from __future__ import annotations
@@ -94,6 +95,24 @@ STAGES = {
             # mean pooling + learned l: the attention aggregator overfit the 118 distinct
             # Fashion-MNIST training prompts (generated-only mAP 0.40 vs 0.87 for the mean)
             "mode": "mean",
+        },
+    ),
+    "captioner": Stage(
+        "trainer.caption_stage:caption_stage",
+        "fmnist-captioner",
+        "fmnist-captioner",
+        1,
+        128,
+        1e-3,
+        "imagine.models.captioner:load_captioner",
+        {
+            "dual_model": "local-dir:" + str(CHECKPOINTS / "fmnist-dual"),
+            "visual_lr_scale": 0.0,  # frozen: its outputs are computed once
+            "scst_steps": 120,
+            "scst_batch_size": 64,
+            "scst_lr": 5e-5,
+            "caption_weight": 0.5,
+            "eval_texts_seed": 1,
         },
     ),
 }
@@ -271,6 +290,10 @@ def evaluate(stage: str, ckpt: Path, cfg: dict[str, Any], limit: int | None) -> 
             "eval_images": len(images),
             "paths": {name: r.as_dict() for name, r in reports.items()},
         }
+    if stage == "captioner":
+        from trainer.caption_stage import evaluate_caption_stage
+
+        return evaluate_caption_stage(ckpt, cfg, limit)
     module = {"vision": "trainer.vision_stage", "generator": "trainer.generator_stage"}[stage]
     fn = {"vision": "evaluate_vision", "generator": "evaluate_generator"}[stage]
     return dict(_symbol(f"{module}:{fn}")(ckpt))
