@@ -137,7 +137,7 @@ def test_fashion_references_describe_the_pixels() -> None:
     assert attributes(dark, 4) == ("dark", "wide", "in a plain colour")
     striped = dark.copy()
     striped[:, ::2] = 250
-    tone, _, pattern = attributes(striped, 4)
+    _, _, pattern = attributes(striped, 4)
     assert pattern == "with a visible pattern"
     refs = fashion_references(dark, 4)
     assert refs == [f"a dark wide {n} in a plain colour" for n in CLASS_SYNONYMS[4]]
