@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a stage option (JSON)"
     )
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only evaluate the checkpoint at --output (held-out metrics, no training)",
+    )
     return p
 
 
@@ -180,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+    if args.eval_only:
+        if not (output / "config.json").is_file():
+            print(f"error: no checkpoint at {output}", file=sys.stderr)
+            return 2
+        cfg = {"dataset": args.dataset, "seed": args.seed, **extra}
+        metrics = evaluate(args.stage, output, cfg, args.eval_limit)
+        print(json.dumps(metrics.get("summary", {}), indent=2))
+        return 0
 
     import ray
     from ray.train import RunConfig, ScalingConfig
