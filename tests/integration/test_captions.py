@@ -214,3 +214,22 @@ def test_cli_caption_and_image_search(
 
     out = cap_stack.cli("search", "--image", "/nonexistent.png", "--collection", images)
     assert out.returncode != 0 and "not found" in out.stderr
+
+
+def test_text_objects_in_a_folder_and_reingest_skips_unchanged(
+    cap_stack: Stack, tmp_path: Path, gallery: Path
+) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a light bag with a visible pattern\n")
+    (folder / "b.txt").write_text("a dark coat")
+    (folder / "photo.png").write_bytes((gallery / "00000.png").read_bytes())
+    with cap_stack.client() as c:
+        job = c.wait_job(c.create_ingest_job(str(folder), "notes", kind="texts").id)
+        assert (job.embedded, job.failed) == (2, 1), job
+        assert "not a text object" in job.failures[0].reason
+        again = c.wait_job(c.create_ingest_job(str(folder), "notes", kind="texts").id)
+        assert (again.embedded, again.skipped) == (0, 2), again
+        resp = c.search(collection="notes", image=(gallery / "00000.png").read_bytes(), top_k=5)
+    texts = {h.payload.fields["text"].string_value for h in resp.hits}
+    assert texts == {"a light bag with a visible pattern", "a dark coat"}
