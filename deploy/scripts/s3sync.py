@@ -8,8 +8,8 @@ Used inside the cluster images (the script is copied to ``/app/deploy/scripts``)
 - ``fetch-model --from s3://imagine-checkpoints --models-dir /models``: the init container of the
   Ray pods. For each model spec the services load (``IMAGINE_MODEL``, ``IMAGINE_VISION_MODEL``,
   ``IMAGINE_GENERATOR_MODEL``, ``IMAGINE_AGGREGATOR_MODEL``, ``IMAGINE_CAPTION_MODEL``) that is
-  ``local-dir:/models/NAME`` and whose folder holds no checkpoint yet, copy ``<from>/NAME`` there. A model baked into the
-  image (any other path) or switched off (empty) needs nothing.
+  ``local-dir:/models/NAME`` and whose folder holds no checkpoint yet, copy ``<from>/NAME``
+  there. A model baked into the image (any other path) or switched off (empty) needs nothing.
 
 S3 credentials come from the same settings the services read (``IMAGINE_STORAGE__*``).
 Objects are read whole into memory: fine for the checkpoints and images used today.
