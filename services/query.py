@@ -183,7 +183,15 @@ class QueryEngine:
             want_caption = has_captions and (
                 "caption" not in req.path_weights or req.path_weights["caption"] > 0
             )
+            # image -> image over the vision-only vectors: when a request weights "visual"
+            want_visual = (
+                not gallery_of_texts
+                and "visual" in info.vectors
+                and req.path_weights.get("visual", 0) > 0
+            )
             jobs = [self.encoders.images([req.image])]
+            if want_visual:
+                jobs.append(self.encoders.visual([req.image]))
             if want_caption:
                 jobs.append(self._caption_query(req.image, t))
             results = await asyncio.gather(*jobs)
@@ -191,9 +199,14 @@ class QueryEngine:
             if isinstance(res, str):
                 raise BadRequest(f"query image: {res}")
             queries["image"] = res
+            if want_visual:
+                (vis,) = results[1]
+                if isinstance(vis, str):
+                    raise BadRequest(f"query image: {vis}")
+                queries["visual"] = vis
             defaults = {"image": 1.0}
             if want_caption:
-                query_caption, queries["caption"] = results[1]
+                query_caption, queries["caption"] = results[-1]
                 w = self.defaults.image_query_caption_weight
                 defaults = {"image": 1.0 - w, "caption": w}
             t["encode_image"] = (time.perf_counter() - start) * 1e3

@@ -17,7 +17,10 @@ from tests.conftest import Stack, make_gallery, start_stack
 
 pytestmark = pytest.mark.integration
 N = 24
-TINY = {"IMAGINE_CAPTION_MODEL": "config:tiny-captioner"}
+TINY = {
+    "IMAGINE_CAPTION_MODEL": "config:tiny-captioner",
+    "IMAGINE_VISION_MODEL": "config:tiny-vision",
+}
 TEXTS = [
     {"id": "t1", "text": "a dark wide coat with a visible pattern", "label": "Coat"},
     {"id": "t2", "text": "a light narrow pair of trousers in a plain colour", "label": "Trouser"},
@@ -50,7 +53,7 @@ def images(cap_stack: Stack, gallery: Path) -> str:
         job = c.wait_job(c.create_ingest_job(str(gallery), "imgs").id, timeout_s=300)
         assert state_name(job.state) == "SUCCEEDED", job
         col = c.describe_collection("imgs")
-        assert {v.name: v.size for v in col.vectors} == {"image": 32, "caption": 32}
+        assert {v.name: v.size for v in col.vectors} == {"image": 32, "visual": 16, "caption": 32}
         assert "tiny-captioner-random0" in col.model_version  # the decoder names the version
     return "imgs"
 
@@ -174,6 +177,27 @@ def test_image_query_over_an_image_gallery_finds_the_image(
         assert top.path_scores["caption"] == pytest.approx(1.0, abs=1e-4)  # its own caption
 
 
+def test_image_query_over_the_vision_only_vectors(
+    cap_stack: Stack, images: str, gallery: Path
+) -> None:
+    """A request that weights "visual" adds image -> image over the vision-only encoder."""
+    query = (gallery / "00007.png").read_bytes()
+    with cap_stack.client() as c:
+        resp = c.search(collection=images, image=query, top_k=N, weights={"visual": 1.0})
+        only = c.search(
+            collection=images, image=query, top_k=N, weights={"visual": 1, "image": 0, "caption": 0}
+        )
+        (vis,), _ = c.encode_images([(gallery / "00010.png").read_bytes()], "visual")
+        (qvis,), _ = c.encode_images([query], "visual")
+    assert set(resp.weights) == {"image", "caption", "visual"}
+    assert resp.weights["visual"] == pytest.approx(0.5)
+    assert only.weights == {"visual": 1.0}
+    assert only.hits[0].payload.fields["key"].string_value == "00007.png"
+    assert only.hits[0].path_scores["visual"] == pytest.approx(1.0, abs=1e-4)
+    other = next(h for h in only.hits if h.payload.fields["key"].string_value == "00010.png")
+    assert other.path_scores["visual"] == pytest.approx(float(_unit(qvis) @ _unit(vis)), abs=1e-4)
+
+
 def test_text_queries_and_image_ingest_are_refused_on_a_text_gallery(
     cap_stack: Stack, texts: str, gallery: Path
 ) -> None:
@@ -188,6 +212,11 @@ def test_text_queries_and_image_ingest_are_refused_on_a_text_gallery(
         with pytest.raises(grpc.RpcError) as exc:
             c.search(collection=texts, image=b"not an image")
         assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        query = (gallery / "00000.png").read_bytes()
+        with pytest.raises(grpc.RpcError) as exc:  # a text gallery has no visual vectors
+            c.search(collection=texts, image=query, weights={"visual": 1.0})
+        assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "visual" in exc.value.details()
 
 
 def test_cli_caption_and_image_search(
