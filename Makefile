@@ -76,7 +76,7 @@ train-captioner: setup ## retrain the caption decoder (checkpoints/fmnist-captio
 	$(BIN)/imagine train --stage captioner --limit 20000 --epochs 2 --output checkpoints/fmnist-captioner --no-resume
 
 eval-captioner: setup ## BLEU-4, R@1/5/10 both ways with and without the caption path, category mAP
-	$(BIN)/imagine train --stage captioner --eval-only --output checkpoints/fmnist-captioner
+	$(BIN)/imagine train --stage captioner --eval-only --output checkpoints/fmnist-captioner --eval-out eval/captioner
 
 serve: setup ## run the embedded profile until Ctrl-C
 	$(BIN)/imagine serve

@@ -307,8 +307,17 @@ def evaluate_caption_stage(ckpt: Path, cfg: dict[str, Any], limit: int | None) -
             (1 - w) * queries @ joint.T + w * queries @ caption_vecs.T, class_names, ql
         ),
     }
+    title = f"held-out cross-modal retrieval ({n} images, {n} texts)"
     print(comparison_table(category))
-    print(report.table(f"held-out cross-modal retrieval ({n} images, {n} texts)"))
+    print(report.table(title))
+    if cfg.get("eval_out"):
+        from imagine.reports import recall_chart
+
+        out = Path(cfg["eval_out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        recall_chart(report.recall, out / "recall.png", f"{title}, BLEU-4 {report.bleu4:.3f}")
+        print(f"wrote {out / 'eval.json'} and {out / 'recall.png'}")
     for i in range(5):
         print(f"  {caps[i]!r}  (reference {refs[i][0]!r})")
     return {

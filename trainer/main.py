@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only evaluate the checkpoint at --output (held-out metrics, no training)",
     )
+    p.add_argument("--eval-out", type=Path, help="captioner: also write eval.json and recall.png")
     return p
 
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (output / "config.json").is_file():
             print(f"error: no checkpoint at {output}", file=sys.stderr)
             return 2
-        cfg = {"dataset": args.dataset, "seed": args.seed, **extra}
+        cfg = {"dataset": args.dataset, "seed": args.seed, "eval_out": args.eval_out, **extra}
         metrics = evaluate(args.stage, output, cfg, args.eval_limit)
         print(json.dumps(metrics.get("summary", {}), indent=2))
         return 0
