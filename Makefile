@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo test test-unit test-integration lint format typecheck proto train serve bench clean
+.PHONY: help setup data demo test test-unit test-integration lint format typecheck proto train train-captioner eval-captioner serve bench clean
 
 help: ## list the entry points
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -81,6 +81,12 @@ proto: setup ## regenerate protos/gen from protos/imagine/v1/*.proto
 
 train: setup ## retrain the default checkpoint (checkpoints/fmnist-dual) with Ray Train
 	$(BIN)/imagine train --epochs 5 --output checkpoints/fmnist-dual --name fmnist-dual
+
+train-captioner: setup ## retrain the caption decoder (checkpoints/fmnist-captioner), then its eval
+	$(BIN)/imagine train --stage captioner --limit 20000 --epochs 2 --output checkpoints/fmnist-captioner --no-resume
+
+eval-captioner: setup ## BLEU-4, R@1/5/10 both ways with and without the caption path, category mAP
+	$(BIN)/imagine train --stage captioner --eval-only --output checkpoints/fmnist-captioner --eval-out eval/captioner
 
 serve: setup ## run the embedded profile until Ctrl-C
 	$(BIN)/imagine serve

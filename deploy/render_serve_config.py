@@ -96,6 +96,12 @@ PROFILES: dict[str, Profile] = {
                 "num_replicas": 1,
                 "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0},
             },
+            # on when IMAGINE_CAPTION_MODEL is set: a small decoder, CPU is enough
+            "CaptionDecoder": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 64,
+                "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+            },
             "Ingress": {
                 **_INGRESS,
                 "ray_actor_options": {"num_cpus": 0.5, "resources": {INGRESS_RESOURCE: 1}},
@@ -162,6 +168,13 @@ PROFILES: dict[str, Profile] = {
             "Aggregator": {
                 "num_replicas": 1,
                 "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 0},
+            },
+            # on when IMAGINE_CAPTION_MODEL is set: a small decoder, batched on CPU
+            "CaptionDecoder": {
+                "num_replicas": "auto",
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 4},
+                "max_ongoing_requests": 128,
+                "ray_actor_options": {"num_cpus": 2, "num_gpus": 0},
             },
             "Ingress": {
                 **_INGRESS,

@@ -3,6 +3,9 @@
 imagine serve                      # embedded profile: Ray Serve app, index owner, one worker
 imagine ingest DIR --collection C  # progress bar until the job ends, then the counts
 imagine search "a red dress" --collection C --k 5
+imagine search --image shoe.png --collection TEXTS   # image -> text (or -> image)
+imagine ingest captions.jsonl --texts --collection TEXTS
+imagine caption shoe.png --strategy beam
 imagine demo                       # the whole thing on Fashion-MNIST
 """
 
@@ -113,7 +116,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         source = str(Path(source).expanduser().resolve())
     with _client(args) as c:
         job = c.create_ingest_job(
-            source, args.collection, _kv(args.meta), args.chunk_size, sync=args.sync
+            source,
+            args.collection,
+            _kv(args.meta),
+            args.chunk_size,
+            sync=args.sync,
+            kind="texts" if args.texts else "images",
         )
         print(f"job {job.id} queued: {source} -> {args.collection}")
         if args.no_wait:
@@ -188,12 +196,39 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_image(path: str) -> bytes:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SystemExit(f"error: image file {p} not found")
+    return p.read_bytes()
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    images = [_read_image(p) for p in args.images]
+    with _client(args) as c:
+        caps, version = c.caption(images, args.strategy, args.beam, args.temperature, args.seed)
+    print(f"caption decoder {version}")
+    failed = 0
+    for path, cap in zip(args.images, caps, strict=True):
+        if cap.error:
+            failed += 1
+            print(f"{path}: error: {cap.error}")
+        else:
+            print(f"{path}: {cap.text}  (log p = {cap.log_prob:.3f})")
+    return 1 if failed else 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
+    if (args.text is None) == (args.image is None):
+        return _fail("give a query text or --image PATH (not both)")
+    image = _read_image(args.image) if args.image else None
     with _client(args) as c:
         resp = c.search(
             args.text,
+            image=image,
+            weights=_weights(args.weight),
             collection=args.collection,
             top_k=args.k,
             filters=_kv(args.filter),
@@ -208,11 +243,27 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     weights = ", ".join(f"{p} {w:.2f}" for p, w in sorted(resp.weights.items()))
     print(f"{len(resp.hits)} hits (model {resp.model_version}; weights {weights})")
+    if resp.query_caption:
+        print(f"query caption: {resp.query_caption}")
     for rank, h in enumerate(resp.hits, 1):
-        label = h.payload.fields["label"].string_value if "label" in h.payload.fields else ""
+        fields = h.payload.fields
+        label = fields["label"].string_value if "label" in fields else ""
         paths = " ".join(f"{p}={s:.3f}" for p, s in sorted(h.path_scores.items()))
         print(f"{rank:>3}. {h.score:.4f}  {label:<12}  {h.uri}  [{paths}]")
+        for name in ("text", "caption"):
+            if name in fields and fields[name].string_value:
+                print(f"       {name}: {fields[name].string_value}")
     return 0
+
+
+def _weights(pairs: list[str] | None) -> dict[str, float]:
+    out = {}
+    for path, value in _kv(pairs).items():
+        try:
+            out[path] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: weight of {path!r} must be a number, got {value!r}") from None
+    return out
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
@@ -307,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-size", type=int, default=0)
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
     s.add_argument("--sync", action="store_true", help="also remove points whose objects are gone")
+    s.add_argument(
+        "--texts",
+        action="store_true",
+        help="a text gallery: .txt objects, .jsonl objects or a .jsonl file (text, id, label)",
+    )
     s.set_defaults(fn=cmd_ingest)
 
     s = sub.add_parser("jobs", help="list ingestion jobs, show one, or cancel one")
@@ -316,9 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=20)
     s.set_defaults(fn=cmd_jobs)
 
-    s = sub.add_parser("search", help="text -> image search")
-    s.add_argument("text")
+    s = sub.add_parser("search", help="text -> image, or image -> text/image (--image) search")
+    s.add_argument("text", nargs="?", default=None)
+    s.add_argument("--image", metavar="PATH", help="an image query (over a text or image gallery)")
     s.add_argument("--collection", required=True)
+    s.add_argument(
+        "--weight", action="append", metavar="PATH=W", help="path weight, e.g. caption=0.3"
+    )
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--filter", action="append", metavar="KEY=VALUE")
     s.add_argument(
@@ -330,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("caption", help="caption images with the caption decoder")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--strategy", default="", choices=["", "greedy", "beam", "sample"])
+    s.add_argument("--beam", type=int, default=0, help="beam size (0: 4)")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling (0: 1.0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_caption)
 
     s = sub.add_parser("collections", help="list collections and aliases, delete, switch aliases")
     s.add_argument("--delete", metavar="NAME")

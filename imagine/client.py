@@ -50,6 +50,13 @@ MODES = {
 
 T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+STRATEGIES = {
+    "": mod_pb.DECODING_STRATEGY_UNSPECIFIED,
+    "greedy": mod_pb.DECODING_STRATEGY_GREEDY,
+    "beam": mod_pb.DECODING_STRATEGY_BEAM,
+    "sample": mod_pb.DECODING_STRATEGY_SAMPLE,
+}
+KINDS = {"images": ing_pb.GALLERY_KIND_IMAGES, "texts": ing_pb.GALLERY_KIND_TEXTS}
 
 
 def state_name(state: int) -> str:
@@ -224,13 +231,16 @@ class ImagineClient:
         metadata: dict[str, str] | None = None,
         chunk_size: int = 0,
         sync: bool = False,
+        kind: str = "images",
     ) -> Any:
+        """``kind`` "texts": a text gallery (.txt objects, .jsonl objects or a .jsonl file)."""
         req = ing_pb.CreateIngestJobRequest(
             source=source,
             collection=collection,
             metadata=metadata or {},
             chunk_size=chunk_size,
             sync=sync,
+            kind=KINDS[kind],
         )
         return self._call(self.ingestion.CreateIngestJob, req).job
 
@@ -317,6 +327,28 @@ class ImagineClient:
         )
         resp = self._call(self.models.Generate, req)
         return list(resp.images), resp.model_version
+
+    def caption(
+        self,
+        images: list[bytes],
+        strategy: str = "",
+        beam_size: int = 0,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[list[Any], str]:
+        """Captions (``.text``, ``.log_prob``, ``.error``) in input order, and the decoder's
+        version. ``strategy``: "" (greedy), "greedy", "beam" or "sample"."""
+        resp = self.models.Caption(
+            mod_pb.CaptionRequest(
+                images=images,
+                strategy=STRATEGIES[strategy],
+                beam_size=beam_size,
+                temperature=temperature,
+                seed=seed,
+            ),
+            timeout=self.timeout_s,
+        )
+        return list(resp.captions), resp.model_version
 
     def encode_images(
         self, images: list[bytes], vector: str = "image"

@@ -23,6 +23,7 @@ DEFAULT_MODEL = "local-dir:" + str(CHECKPOINTS / "fmnist-dual")
 DEFAULT_VISION = "local-dir:" + str(CHECKPOINTS / "fmnist-vision")
 DEFAULT_GENERATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-generator")
 DEFAULT_AGGREGATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-aggregator")
+DEFAULT_CAPTIONER = "local-dir:" + str(CHECKPOINTS / "fmnist-captioner")
 
 
 class QdrantSettings(BaseModel):
@@ -136,6 +137,13 @@ class ServiceSettings(_Common):
     vision_model: str = Field(default=DEFAULT_VISION, description="Vision-only encoder spec")
     generator_model: str = Field(default=DEFAULT_GENERATOR, description="Diffusion generator")
     aggregator_model: str = Field(default=DEFAULT_AGGREGATOR, description="Aggregator + fusion")
+    caption_model: str = Field(default=DEFAULT_CAPTIONER, description="Caption decoder spec")
+    # The caption path's default weight: for text -> image search (0: only when a request
+    # weights it) and for image queries (image -> text over text galleries, image -> image).
+    caption_weight: float = Field(default=0.0, ge=0.0, le=1.0)
+    image_query_caption_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    caption_batch_size: int = 32
+    caption_batch_wait_s: float = 0.01
     default_num_generated: int = 4
     default_steps: int = 20
     default_guidance: float = 2.0  # measured: generated-only mAP 0.84 at 2.0, 0.57 at 3.0
@@ -189,11 +197,13 @@ class ServiceSettings(_Common):
             "vision": DEFAULT_VISION,
             "generator": DEFAULT_GENERATOR,
             "aggregator": DEFAULT_AGGREGATOR,
+            "caption": DEFAULT_CAPTIONER,
         }
         specs = {
             "vision": self.vision_model,
             "generator": self.generator_model,
             "aggregator": self.aggregator_model,
+            "caption": self.caption_model,
         }
         out = {}
         for name, spec in specs.items():

@@ -114,6 +114,66 @@ def fashion_caption(pixels: np.ndarray, label: int, rng: random.Random) -> str:
     return template.format(CLASS_PHRASES[label], tone=tone, size=size)
 
 
+# Caption references for the caption decoder: richer than the bare class name. Every word is
+# computed from the pixels (tone; width and visible pattern relative to the class, thresholds
+# at the train split's per-class 33rd/67th width and 70th texture percentiles) or is one of the
+# class's synonyms. ``fashion_references`` gives every synonym variant of one image's sentence.
+CLASS_SYNONYMS = (
+    ("t-shirt", "top", "tee"),
+    ("pair of trousers", "pair of pants", "pair of slacks"),
+    ("pullover", "sweater", "jumper"),
+    ("dress", "gown", "frock"),
+    ("coat", "jacket", "overcoat"),
+    ("sandal", "open shoe", "summer sandal"),
+    ("shirt", "button-up shirt", "blouse"),
+    ("sneaker", "trainer", "running shoe"),
+    ("bag", "handbag", "purse"),
+    ("ankle boot", "boot", "short boot"),
+)
+# per class: (narrow below, wide above) as a fraction of the canvas width; None: no width word
+# (shoes and bags fill the canvas width)
+_WIDTH_CUTS: tuple[tuple[float, float] | None, ...] = (
+    (0.75, 0.82), (0.39, 0.43), (0.71, 0.79), (0.46, 0.57), (0.68, 0.75),
+    None, (0.71, 0.79), None, None, None,
+)  # fmt: skip
+_PATTERN_CUT = (25.3, 48.7, 31.3, 38.0, 33.1, 40.7, 32.9, 28.0, 25.2, 26.0)
+
+
+def attributes(pixels: np.ndarray, label: int) -> tuple[str, str, str]:
+    """(tone, width, pattern) words of a 28x28 Fashion-MNIST image; width may be empty."""
+    x = pixels.astype(np.float32)
+    on = x > 30
+    tone, _ = describe(pixels)
+    width = ""
+    cuts = _WIDTH_CUTS[label]
+    if cuts is not None:
+        cols = float(on.any(axis=0).sum()) / x.shape[1]
+        width = "narrow" if cols < cuts[0] else "wide" if cols > cuts[1] else "medium-width"
+    inner = on[:, 1:] & on[:, :-1]
+    texture = float((np.abs(np.diff(x, axis=1)) * inner).sum() / max(int(inner.sum()), 1))
+    pattern = "with a visible pattern" if texture > _PATTERN_CUT[label] else "in a plain colour"
+    return tone, width, pattern
+
+
+def fashion_references(pixels: np.ndarray, label: int) -> list[str]:
+    """Every synonym variant of the image's reference sentence (BLEU's references)."""
+    tone, width, pattern = attributes(pixels, label)
+    return [
+        " ".join(w for w in ("a", tone, width, noun, pattern) if w)
+        for noun in CLASS_SYNONYMS[label]
+    ]
+
+
+def fashion_reference(pixels: np.ndarray, label: int, rng: random.Random) -> str:
+    """One reference sentence with a random synonym (training captions of the decoder)."""
+    return rng.choice(fashion_references(pixels, label))
+
+
+def reference_key(pixels: np.ndarray, label: int) -> str:
+    """What a reference says, synonyms aside: texts with one key describe the same things."""
+    return fashion_references(pixels, label)[0]
+
+
 def class_query(label: int) -> str:
     """The one text query per class used by category mAP (as in CLE-TIR)."""
     return f"a photo of a {CLASS_PHRASES[label]}"

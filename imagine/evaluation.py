@@ -142,3 +142,95 @@ def evaluate_paths_in_process(
         {"text": 1 - lam, "generated": lam},
     )
     return {name: report_from_scores(s, labels, ql) for name, s in scores.items()}
+
+
+@dataclass
+class CrossModalReport:
+    """R@1/5/10 both directions per path and fused, and the captions' BLEU-4."""
+
+    recall: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    bleu4: float = 0.0
+    caption_weight: float = 0.5
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "BLEU-4": self.bleu4,
+            "caption_weight": self.caption_weight,
+            "recall": {
+                d: {p: {f"R@{k}": v for k, v in r.items()} for p, r in paths.items()}
+                for d, paths in self.recall.items()
+            },
+        }
+
+    def table(self, title: str = "cross-modal retrieval") -> str:
+        lines = [title, f"{'direction':<14}  {'paths':<28}  {'R@1':>6}  {'R@5':>6}  {'R@10':>6}"]
+        for direction, paths in self.recall.items():
+            for path, r in paths.items():
+                lines.append(f"{direction:<14}  {path:<28}  {r[1]:6.3f}  {r[5]:6.3f}  {r[10]:6.3f}")
+        lines.append(f"caption BLEU-4 (greedy, against every synonym reference): {self.bleu4:.4f}")
+        return "\n".join(lines)
+
+
+def cross_modal_report(
+    image_vecs: np.ndarray,
+    caption_vecs: np.ndarray,
+    text_vecs: np.ndarray,
+    image_keys: Sequence[str],
+    text_keys: Sequence[str],
+    caption_weight: float,
+) -> CrossModalReport:
+    """R@K of image -> text and text -> image, with and without the caption path.
+
+    ``image_vecs`` and ``caption_vecs`` (the text vectors of the images' generated captions) are
+    per gallery image, ``text_vecs`` per text; an image and a text are relevant to each other
+    when their keys match (texts that say the same thing about the image).
+    """
+    from imagine.fusion import fuse
+    from imagine.metrics import recall_at_k_relevant
+
+    ks = (1, 5, 10)
+    relevant = np.asarray(image_keys)[:, None] == np.asarray(text_keys)[None, :]
+    w = {"image": 1 - caption_weight, "caption": caption_weight}
+    i2t = {"image": image_vecs @ text_vecs.T, "caption": caption_vecs @ text_vecs.T}
+    t2i = {"image": text_vecs @ image_vecs.T, "caption": text_vecs @ caption_vecs.T}
+    report = CrossModalReport(caption_weight=caption_weight)
+    report.recall["image -> text"] = {
+        "image-text only": recall_at_k_relevant(i2t["image"], relevant, ks),
+        "caption-text only": recall_at_k_relevant(i2t["caption"], relevant, ks),
+        f"fused (caption w={caption_weight:g})": recall_at_k_relevant(fuse(i2t, w), relevant, ks),
+    }
+    report.recall["text -> image"] = {
+        "text-image only": recall_at_k_relevant(t2i["image"], relevant.T, ks),
+        "text-caption only": recall_at_k_relevant(t2i["caption"], relevant.T, ks),
+        f"fused (caption w={caption_weight:g})": recall_at_k_relevant(fuse(t2i, w), relevant.T, ks),
+    }
+    return report
+
+
+def evaluate_captioner(
+    dual: object,
+    captioner: object,
+    images: Sequence[Image.Image],
+    references: Sequence[Sequence[str]],
+    keys: Sequence[str],
+    texts: Sequence[str],
+    caption_weight: float = 0.5,
+    batch_size: int = 256,
+) -> tuple[CrossModalReport, list[str]]:
+    """Caption ``images`` (greedy), BLEU-4 against ``references``, and cross-modal R@K with
+    ``texts`` (one per image, ``keys`` saying what each image and text describe) as the text
+    gallery. Returns the report and the captions."""
+    from imagine.metrics import corpus_bleu
+
+    caps: list[str] = []
+    joint = []
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        caps.extend(c.text for c in captioner.caption(batch, "greedy"))  # type: ignore[attr-defined]
+        joint.append(dual.encode_images(batch))  # type: ignore[attr-defined]
+    image_vecs = np.concatenate(joint)
+    caption_vecs = dual.encode_text([c or "." for c in caps])  # type: ignore[attr-defined]
+    text_vecs = dual.encode_text(list(texts))  # type: ignore[attr-defined]
+    report = cross_modal_report(image_vecs, caption_vecs, text_vecs, keys, keys, caption_weight)
+    report.bleu4 = corpus_bleu(caps, references)
+    return report, caps

@@ -18,6 +18,7 @@ PATH_VECTORS = {
     "image": "image",  # an image query's joint vector against the same
     "generated": "visual",  # aggregated generated images against the vision-only vectors
     "caption": "caption",  # the query against the text vectors of generated captions
+    "visual": "visual",  # an image query's vision-only vector against the gallery's
 }
 DEFAULT_WEIGHTS = {"text": 1.0}
 

@@ -161,8 +161,10 @@ class VectorIndex(PointStore, Protocol):
         limit: int,
         filters: Mapping[str, str] | None = None,
         candidates: int = 100,
+        using: Mapping[str, str] | None = None,
     ) -> list[Hit]:
-        """Fused search: ``queries`` maps a path to (vector name, query vector) via PATH_VECTORS."""
+        """Fused search: ``queries`` maps a path to its query vector; each path searches the
+        named vector ``PATH_VECTORS`` gives it, or ``using`` (e.g. a text gallery's ``text``)."""
         ...
 
 
@@ -423,6 +425,7 @@ class QdrantIndex:
         limit: int,
         filters: Mapping[str, str] | None = None,
         candidates: int = 100,
+        using: Mapping[str, str] | None = None,
     ) -> list[Hit]:
         """The top ``limit`` points by the fused score of the weighted paths.
 
@@ -437,6 +440,7 @@ class QdrantIndex:
 
         from imagine.fusion import PATH_VECTORS
 
+        vector_of = {**PATH_VECTORS, **(using or {})}
         flt = _filter(filters)
         paths = [p for p in weights if weights[p] > 0]
         unit = {p: _unit(np.asarray(queries[p], dtype=np.float32)) for p in paths}
@@ -449,7 +453,7 @@ class QdrantIndex:
                 requests=[
                     models.QueryRequest(
                         query=unit[p].tolist(),
-                        using=PATH_VECTORS[p],
+                        using=vector_of[p],
                         filter=flt,
                         limit=pool,
                         with_payload=single,
@@ -486,7 +490,7 @@ class QdrantIndex:
             todo = [pid for pid in top if len(scores[pid]) < len(paths)]
             if not todo:
                 break
-            need = sorted({PATH_VECTORS[p] for pid in todo for p in paths if p not in scores[pid]})
+            need = sorted({vector_of[p] for pid in todo for p in paths if p not in scores[pid]})
             with self._lock:
                 records = self._client.retrieve(
                     name, ids=todo, with_payload=False, with_vectors=need
@@ -496,7 +500,7 @@ class QdrantIndex:
                 got = vectors.get(pid, {})
                 for p in paths:
                     if p not in scores[pid]:
-                        vec = got.get(PATH_VECTORS[p]) if isinstance(got, dict) else None
+                        vec = got.get(vector_of[p]) if isinstance(got, dict) else None
                         scores[pid][p] = (
                             float(_unit(np.asarray(vec, dtype=np.float32)) @ unit[p])
                             if vec is not None

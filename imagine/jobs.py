@@ -74,6 +74,7 @@ class Job:
     failures: list[tuple[str, str]] = field(default_factory=list)
     sync: bool = False  # remove points of this source whose objects are gone
     removed: int = 0
+    kind: str = "images"  # what the gallery holds: "images" or "texts"
 
     @property
     def processed(self) -> int:
@@ -123,11 +124,12 @@ _MIGRATIONS = (
     ("requeued_at", "REAL NOT NULL DEFAULT 0"),
     ("sync", "INTEGER NOT NULL DEFAULT 0"),
     ("removed", "INTEGER NOT NULL DEFAULT 0"),
+    ("kind", "TEXT NOT NULL DEFAULT 'images'"),
 )
 _COLUMNS = (
     "id, collection, source, state, model_version, chunk_size, metadata, total, embedded, "
     "skipped, failed, listing_done, num_chunks, chunks_done, error, created_at, started_at, "
-    "finished_at, sync, removed"
+    "finished_at, sync, removed, kind"
 )
 
 
@@ -150,6 +152,9 @@ class Redelivery:
     job_id: str
     chunk: int | None = None
     items: list[list[str]] = field(default_factory=list)
+
+
+GALLERY_KINDS = ("images", "texts")
 
 
 class SqliteJobStore:
@@ -194,12 +199,15 @@ class SqliteJobStore:
         metadata: dict[str, str] | None = None,
         model_version: str = "",
         sync: bool = False,
+        kind: str = "images",
     ) -> Job:
+        if kind not in GALLERY_KINDS:
+            raise ValueError(f"unknown gallery kind {kind!r}; use {', '.join(GALLERY_KINDS)}")
         job_id = uuid.uuid4().hex[:16]
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (id, collection, source, state, model_version, chunk_size, "
-                "metadata, created_at, sync) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "metadata, created_at, sync, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     collection,
@@ -210,6 +218,7 @@ class SqliteJobStore:
                     json.dumps(metadata or {}),
                     time.time(),
                     int(sync),
+                    kind,
                 ),
             )
         return self.get(job_id)
@@ -494,7 +503,7 @@ def _progress(db: _Db, now: float) -> None:
 
 def _job(row: tuple[Any, ...], failures: list[tuple[str, str]]) -> Job:
     (jid, coll, src, state, mv, cs, meta, total, emb, skp, fld, ld, nc, cd, err, ca, sa, fa,
-     sync, removed) = row  # fmt: skip
+     sync, removed, kind) = row  # fmt: skip
     return Job(
         id=jid,
         collection=coll,
@@ -517,6 +526,7 @@ def _job(row: tuple[Any, ...], failures: list[tuple[str, str]]) -> Job:
         failures=[(u, r) for u, r in failures],
         sync=bool(sync),
         removed=removed,
+        kind=kind,
     )
 
 

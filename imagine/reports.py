@@ -58,3 +58,32 @@ def bar_chart(reports: dict[str, CategoryReport], path: Path, title: str) -> Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def recall_chart(recall: dict[str, dict[str, dict[int, float]]], path: Path, title: str) -> Path:
+    """R@1/5/10 per path, one panel per direction (image -> text, text -> image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(recall), figsize=(6 * len(recall), 4), squeeze=False)
+    for ax, (direction, paths) in zip(axes[0], recall.items(), strict=True):
+        names = list(paths)
+        for j, k in enumerate((1, 5, 10)):
+            xs = [i + (j - 1) * 0.27 for i in range(len(names))]
+            bars = ax.bar(xs, [paths[n][k] for n in names], width=0.27, label=f"R@{k}")
+            for bar, n in zip(bars, names, strict=True):
+                h = paths[n][k]
+                ax.text(bar.get_x() + bar.get_width() / 2, h + 0.01, f"{h:.2f}", ha="center",
+                        fontsize=7)  # fmt: skip
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_ylim(0, 1.08)
+        ax.set_title(direction)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -27,6 +27,7 @@ def build_app(settings: ServiceSettings) -> Any:
     VisionEncoder: Any = deployments.VisionEncoder
     Generator: Any = deployments.Generator
     Aggregator: Any = deployments.Aggregator
+    CaptionDecoder: Any = deployments.CaptionDecoder
     Ingress: Any = ingress.Ingress
 
     # Serve queues at most max_ongoing_requests per replica (5 by default): let enough
@@ -47,7 +48,7 @@ def build_app(settings: ServiceSettings) -> Any:
         vision = VisionEncoder.options(**replicas).bind(
             specs["vision"], *common[1:], settings.torch_threads, settings.max_image_pixels
         )
-    if len(specs) == 3:
+    if {"vision", "generator", "aggregator"} <= set(specs):
         generator = Generator.options(
             **replicas | {"max_ongoing_requests": 2 * settings.generator_batch_size}
         ).bind(
@@ -59,8 +60,21 @@ def build_app(settings: ServiceSettings) -> Any:
         aggregator = Aggregator.options(
             ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64
         ).bind(specs["aggregator"])
+    captioner = None
+    if "caption" in specs:
+        captioner = CaptionDecoder.options(
+            **replicas | {"max_ongoing_requests": 4 * settings.caption_batch_size}
+        ).bind(
+            specs["caption"],
+            settings.caption_batch_size,
+            settings.caption_batch_wait_s,
+            settings.torch_threads,
+            settings.max_image_pixels,
+        )
     front = Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus})
-    return front.bind(settings.model_dump(mode="json"), text, image, vision, generator, aggregator)
+    return front.bind(
+        settings.model_dump(mode="json"), text, image, vision, generator, aggregator, captioner
+    )
 
 
 def start(settings: ServiceSettings) -> dict[str, str]:

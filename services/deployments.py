@@ -274,3 +274,56 @@ class Aggregator:
             mean = np.asarray(embeddings, dtype=np.float32).mean(axis=0)
             return mean / max(float(np.linalg.norm(mean)), 1e-12)
         return self.aggregator.aggregate(embeddings[None])[0]
+
+
+# (encoded image, strategy, beam_size, temperature, seed)
+CaptionCall = tuple[bytes, str, int, float, int]
+
+
+@serve.deployment(name="CaptionDecoder")
+class CaptionDecoder:
+    """Images -> captions with their log-probability. Concurrent requests with the same decoding
+    settings share one decoding pass; an undecodable image gives its reason instead."""
+
+    def __init__(
+        self,
+        model_spec: str,
+        max_batch_size: int,
+        batch_wait_s: float,
+        torch_threads: int,
+        max_pixels: int,
+    ) -> None:
+        from imagine.models.captioner import load_captioner
+
+        _setup(torch_threads)
+        self.captioner = load_captioner(model_spec)
+        self.max_pixels = max_pixels
+        self.max_batch_size = max_batch_size
+        self.caption.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.caption.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.captioner.model_version}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def caption(self, calls: list[CaptionCall]) -> list[tuple[str, float] | str]:
+        out: list[tuple[str, float] | str] = ["" for _ in calls]
+        groups: dict[tuple[str, int, float, int], list[tuple[int, Image.Image]]] = {}
+        for i, (blob, strategy, beam, temperature, seed) in enumerate(calls):
+            try:
+                img = decode_image(blob, self.max_pixels)
+            except BadImage as exc:
+                out[i] = str(exc)
+                continue
+            groups.setdefault((strategy, beam, temperature, seed), []).append((i, img))
+        for (strategy, beam, temperature, seed), items in groups.items():
+            # a sampled caption depends only on its image and seed: one image per pass
+            size = 1 if strategy == "sample" else self.max_batch_size
+            for start in range(0, len(items), size):
+                part = items[start : start + size]
+                caps = self.captioner.caption(
+                    [img for _, img in part], strategy, beam, temperature, seed
+                )
+                for (i, _), cap in zip(part, caps, strict=True):
+                    out[i] = (cap.text, cap.log_prob)
+        return out

@@ -85,6 +85,23 @@ class HandleGenerative:
         return await self._aggregator.aggregate.remote(embeddings, mode)
 
 
+class HandleCaptions:
+    """The caption decoder, reached through its deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle, model_version: str) -> None:
+        self._handle = handle
+        self.model_version = model_version
+
+    async def caption(
+        self, images: list[bytes], strategy: str, beam_size: int, temperature: float, seed: int
+    ) -> list[tuple[str, float] | str]:
+        calls = [
+            self._handle.caption.remote((img, strategy, beam_size, temperature, seed))
+            for img in images
+        ]
+        return list(await asyncio.gather(*calls))
+
+
 class CeleryQueue:
     """Submits ingestion jobs to the workers by task name (the ingress imports no worker code)."""
 
@@ -202,6 +219,7 @@ class Ingress:
         vision: DeploymentHandle | None = None,
         generator: DeploymentHandle | None = None,
         aggregator: DeploymentHandle | None = None,
+        captioner: DeploymentHandle | None = None,
     ) -> None:
         from imagine.runtime import setup_logging
 
@@ -220,6 +238,12 @@ class Ingress:
             vinfo = await vision.info.remote()
             version += "+" + vinfo["model_version"]
             vectors["visual"] = vinfo["dim"]
+        captions = None
+        if captioner is not None:
+            cinfo = await captioner.info.remote()
+            version += "+" + cinfo["model_version"]
+            vectors["caption"] = info["dim"]  # the caption's text vector, in the joint space
+            captions = HandleCaptions(captioner, cinfo["model_version"])
         generative = None
         if generator is not None and aggregator is not None and vision is not None:
             ginfo = await generator.info.remote()
@@ -232,7 +256,13 @@ class Ingress:
                 ),
             )
         encoders = HandleEncoders(text, image, vision)
-        defaults = SamplingDefaults(s.default_num_generated, s.default_steps, s.default_guidance)
+        defaults = SamplingDefaults(
+            s.default_num_generated,
+            s.default_steps,
+            s.default_guidance,
+            s.caption_weight,
+            s.image_query_caption_weight,
+        )
         self.index = open_index(s)
         jobs, queue = open_job_store(s.jobs_url, s.jobs_path), CeleryQueue(s)
         self.redelivery = asyncio.get_running_loop().create_task(
@@ -245,6 +275,7 @@ class Ingress:
             queue=queue,
             model_version=version,
             vectors=vectors,
+            text_vectors={"text": info["dim"]},
             default_chunk_size=s.default_chunk_size,
             engine=QueryEngine(
                 encoders,
@@ -253,9 +284,11 @@ class Ingress:
                 generative,
                 defaults,
                 s.query_cache_size,
-                s.limits,
+                limits=s.limits,
+                captions=captions,
             ),
             generative=generative,
+            captions=captions,
             defaults=defaults,
             links=ObjectLinks(s.storage),
             limits=s.limits,
@@ -311,6 +344,7 @@ class Ingress:
             "address": self.address,
             "model_version": self.backend.model_version,
             "generator": gen.info.generator_version if gen else "",
+            "captioner": self.backend.captions.model_version if self.backend.captions else "",
             "fusion_weight": gen.info.fusion_weight if gen else 0.0,
         }
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from imagine.cache import LRUCache
 from imagine.config import LimitSettings
-from imagine.fusion import resolve_weights
+from imagine.fusion import PATH_VECTORS, resolve_weights
 from imagine.index import CollectionInfo, ModelVersionMismatch, VectorIndex
 from imagine.observability import QUERY_CACHE, STAGE_SECONDS
 from protos.gen.imagine.v1 import retrieval_service_pb2 as ret_pb
@@ -87,11 +87,28 @@ class Generative(Protocol):
     async def aggregate(self, embeddings: np.ndarray, mode: str) -> np.ndarray: ...
 
 
+class Captions(Protocol):
+    """The caption decoder: encoded images -> (caption, log-probability) or the reason."""
+
+    model_version: str
+
+    async def caption(
+        self, images: list[bytes], strategy: str, beam_size: int, temperature: float, seed: int
+    ) -> list[tuple[str, float] | str]: ...
+
+
 @dataclass
 class SamplingDefaults:
     num_generated: int = 4
     steps: int = 20
     guidance: float = 2.0
+    caption_weight: float = 0.0  # the caption path in text -> image search
+    image_query_caption_weight: float = 0.5  # the caption path of image queries
+
+
+def text_gallery(info: CollectionInfo) -> bool:
+    """A gallery of texts (a ``text`` vector) rather than images."""
+    return "text" in info.vectors and "image" not in info.vectors
 
 
 def normalise_query(text: str) -> str:
@@ -111,6 +128,16 @@ _AGGREGATION = {
 }
 
 
+@dataclass
+class SearchResult:
+    hits: list[Any]
+    weights: dict[str, float]
+    timings_ms: dict[str, float]
+    generated_pngs: list[bytes]
+    cache_hit: bool
+    query_caption: str = ""  # the caption of an image query (the caption path)
+
+
 class QueryEngine:
     def __init__(
         self,
@@ -121,8 +148,10 @@ class QueryEngine:
         defaults: SamplingDefaults,
         cache_size: int,
         limits: LimitSettings | None = None,
+        captions: Captions | None = None,
     ) -> None:
         self.limits = limits or LimitSettings()
+        self.captions = captions
         self.encoders = encoders
         self.index = index
         self.model_version = model_version
@@ -142,13 +171,25 @@ class QueryEngine:
         queries: dict[str, np.ndarray] = {}
         generated_pngs: list[bytes] = []
         cache_hit = False
+        query_caption = ""
+        using: dict[str, str] = {}
+        if kind not in ("text", "image"):
+            raise BadRequest("set a query: text or image")
+        check_query(req, self.limits)
+        info = await asyncio.to_thread(self.index.describe, req.collection)
+        check_version(info, self.model_version)
+        has_captions = self.captions is not None and "caption" in info.vectors
         if kind == "text":
+            if text_gallery(info):
+                raise BadRequest(
+                    f"collection {info.name!r} is a text gallery: search it with an image query"
+                )
             text = req.text.strip()
-            if not text:
-                raise BadRequest("query text is empty")
-            check_text(text, "query text", self.limits)
             mode = self._mode(req.mode)
-            want_text = mode in ("text", "fused") or "text" in req.path_weights
+            want_caption = has_captions and (
+                "caption" in req.path_weights or self.defaults.caption_weight > 0
+            )
+            want_text = mode in ("text", "fused") or "text" in req.path_weights or want_caption
             want_gen = mode in ("generated", "fused") or "generated" in req.path_weights
             jobs: list[Any] = []
             if want_text:
@@ -160,39 +201,90 @@ class QueryEngine:
                 queries["text"] = results[0]
             if want_gen:
                 queries["generated"], generated_pngs, cache_hit = results[-1]
+            if want_caption:
+                queries["caption"] = queries["text"]  # the query against the images' captions
             defaults = self._default_weights(mode)
-        elif kind == "image":
-            if req.mode not in (ret_pb.SEARCH_MODE_UNSPECIFIED, ret_pb.SEARCH_MODE_TEXT):
-                raise BadRequest("generated and fused modes need a text query")
-            if not req.image:
-                raise BadRequest("query image is empty")
-            check_image(req.image, "query image", self.limits)
-            (res,) = await self.encoders.images([req.image])
+            if want_caption and self.defaults.caption_weight > 0:
+                w = self.defaults.caption_weight
+                defaults = {p: (1 - w) * v for p, v in defaults.items()} | {"caption": w}
+        else:
+            gallery_of_texts = text_gallery(info)
+            if gallery_of_texts:
+                using = {"image": "text", "caption": "text"}
+                has_captions = self.captions is not None
+            want_caption = has_captions and (
+                "caption" not in req.path_weights or req.path_weights["caption"] > 0
+            )
+            # image -> image over the vision-only vectors: when a request weights "visual"
+            want_visual = (
+                not gallery_of_texts
+                and "visual" in info.vectors
+                and req.path_weights.get("visual", 0) > 0
+            )
+            jobs = [self.encoders.images([req.image])]
+            if want_visual:
+                jobs.append(self.encoders.visual([req.image]))
+            if want_caption:
+                jobs.append(self._caption_query(req.image, t))
+            results = await asyncio.gather(*jobs)
+            (res,) = results[0]
             if isinstance(res, str):
                 raise BadRequest(f"query image: {res}")
             queries["image"] = res
+            if want_visual:
+                (vis,) = results[1]
+                if isinstance(vis, str):
+                    raise BadRequest(f"query image: {vis}")
+                queries["visual"] = vis
             defaults = {"image": 1.0}
+            if want_caption:
+                query_caption, queries["caption"] = results[-1]
+                w = self.defaults.image_query_caption_weight
+                defaults = {"image": 1.0 - w, "caption": w}
             t["encode_image"] = (time.perf_counter() - start) * 1e3
-        else:
-            raise BadRequest("set a query: text or image")
-        weights = resolve_weights(set(queries), defaults, dict(req.path_weights))
+        # a path switched off (weight 0) that was therefore not computed is simply left out
+        overrides = {
+            p: w
+            for p, w in req.path_weights.items()
+            if not (w == 0 and p in PATH_VECTORS and p not in queries)
+        }
+        weights = resolve_weights(set(queries), defaults, overrides)
         t0 = time.perf_counter()
-        info = await asyncio.to_thread(self.index.describe, req.collection)
-        check_version(info, self.model_version)
         if "generated" in weights and "visual" not in info.vectors:
             raise ModelVersionMismatch(
                 f"collection {info.name!r} has no visual vectors: "
                 "re-ingest it with a vision encoder"
             )
         hits = await asyncio.to_thread(
-            self.index.search, req.collection, queries, weights, top_k, dict(req.filter)
+            self.index.search,
+            req.collection,
+            queries,
+            weights,
+            top_k,
+            dict(req.filter),
+            using=using or None,
         )
         t["search"] = (time.perf_counter() - t0) * 1e3
         t["total"] = (time.perf_counter() - start) * 1e3
         for stage, ms in t.items():
             if stage != "total":
                 STAGE_SECONDS.labels(stage).observe(ms / 1e3)
-        return hits, weights, t, generated_pngs if req.explain else [], cache_hit
+        pngs = generated_pngs if req.explain else []
+        return SearchResult(hits, weights, t, pngs, cache_hit, query_caption)
+
+    async def _caption_query(self, image: bytes, t: dict[str, float]) -> tuple[str, np.ndarray]:
+        """The query image's greedy caption and its text vector (the caption path)."""
+        assert self.captions is not None
+        start = time.perf_counter()
+        (res,) = await self.captions.caption([image], "greedy", 1, 1.0, 0)
+        if isinstance(res, str):
+            raise BadRequest(f"query image: {res}")
+        t1 = time.perf_counter()
+        (vec,) = await self.encoders.text([res[0] or "."])
+        t.update(
+            {"caption": (t1 - start) * 1e3, "encode_caption": (time.perf_counter() - t1) * 1e3}
+        )
+        return res[0], vec
 
     def _mode(self, mode: int) -> str:
         if mode == ret_pb.SEARCH_MODE_UNSPECIFIED:
@@ -290,6 +382,21 @@ def wants_generation(req: Any, generative: Generative | None) -> bool:
     if generative is None or req.WhichOneof("query") != "text":
         return False
     return req.mode != ret_pb.SEARCH_MODE_TEXT or "generated" in req.path_weights
+
+
+def check_query(req: Any, limits: LimitSettings) -> None:
+    """Checks of the query itself, before the collection is looked up."""
+    if req.WhichOneof("query") == "text":
+        text = req.text.strip()
+        if not text:
+            raise BadRequest("query text is empty")
+        check_text(text, "query text", limits)
+        return
+    if req.mode not in (ret_pb.SEARCH_MODE_UNSPECIFIED, ret_pb.SEARCH_MODE_TEXT):
+        raise BadRequest("generated and fused modes need a text query")
+    if not req.image:
+        raise BadRequest("query image is empty")
+    check_image(req.image, "query image", limits)
 
 
 def check_version(info: CollectionInfo, model_version: str) -> None:

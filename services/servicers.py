@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from imagine.config import LimitSettings, StorageSettings
+from imagine.decoding import DecodeError, check_decoding
 from imagine.fusion import FusionError
 from imagine.index import (
     AliasError,
@@ -72,6 +73,7 @@ from services.guard import GenerationSlots
 from services.query import (
     MAX_GUIDANCE,
     BadRequest,
+    Captions,
     Encoders,
     Generative,
     QueryEngine,
@@ -112,6 +114,8 @@ class Backend:
     links: ObjectLinks = field(default_factory=lambda: ObjectLinks(StorageSettings()))
     limits: LimitSettings = field(default_factory=LimitSettings)
     slots: GenerationSlots = field(default_factory=lambda: GenerationSlots(4))
+    text_vectors: dict[str, int] = field(default_factory=dict)  # of a text gallery
+    captions: Captions | None = None
 
 
 R = TypeVar("R")
@@ -205,14 +209,16 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
         check_collection(request.collection)
         if wants_generation(request, self.b.generative):
             with self.b.slots.hold():
-                found = await self.b.engine.search(request)
+                res = await self.b.engine.search(request)
         else:
-            found = await self.b.engine.search(request)
-        hits, weights, timings, pngs, cache_hit = found
+            res = await self.b.engine.search(request)
         resp = ret_pb.SearchResponse(
-            model_version=self.b.model_version, weights=weights, cache_hit=cache_hit
+            model_version=self.b.model_version,
+            weights=res.weights,
+            cache_hit=res.cache_hit,
+            query_caption=res.query_caption,
         )
-        for h in hits:
+        for h in res.hits:
             resp.hits.append(
                 ret_pb.SearchHit(
                     id=h.id,
@@ -226,8 +232,8 @@ class RetrievalServicer(ret_grpc.RetrievalServiceServicer):
                 )
             )
         if request.explain:
-            resp.timings_ms.update(timings)
-            resp.generated_images.extend(pngs)
+            resp.timings_ms.update(res.timings_ms)
+            resp.generated_images.extend(res.generated_pngs)
         return resp
 
 
@@ -298,6 +304,46 @@ class ModelServicer(mod_grpc.ModelServiceServicer):
         return mod_pb.GenerateResponse(
             images=[png_bytes(i) for i in images], model_version=gen.info.generator_version
         )
+
+    @rpc
+    async def Caption(self, request: Any, context: Any) -> Any:
+        captions = self.b.captions
+        if captions is None:
+            raise ModelVersionMismatch(
+                "this service runs no caption decoder (IMAGINE_CAPTION_MODEL is empty)"
+            )
+        images = list(request.images)
+        _check_batch(len(images), "images")
+        for i, img in enumerate(images):
+            if len(img) > self.b.limits.max_image_bytes:
+                raise over_limit(
+                    f"images[{i}] size in bytes", len(img), "max_image_bytes", self.b.limits
+                )
+        if request.strategy not in _STRATEGIES:
+            raise BadRequest(f"unknown decoding strategy {request.strategy}")
+        strategy = _STRATEGIES[request.strategy]
+        beam = request.beam_size or 4
+        temperature = request.temperature or 1.0
+        try:
+            check_decoding(strategy, beam, temperature)
+        except DecodeError as exc:
+            raise BadRequest(str(exc)) from None
+        results = await captions.caption(images, strategy, beam, temperature, int(request.seed))
+        resp = mod_pb.CaptionResponse(model_version=captions.model_version)
+        for r in results:
+            if isinstance(r, str):
+                resp.captions.append(mod_pb.Caption(error=r))
+            else:
+                resp.captions.append(mod_pb.Caption(text=r[0], log_prob=r[1]))
+        return resp
+
+
+_STRATEGIES = {
+    mod_pb.DECODING_STRATEGY_UNSPECIFIED: "greedy",
+    mod_pb.DECODING_STRATEGY_GREEDY: "greedy",
+    mod_pb.DECODING_STRATEGY_BEAM: "beam",
+    mod_pb.DECODING_STRATEGY_SAMPLE: "sample",
+}
 
 
 def _check_batch(n: int, what: str) -> None:
@@ -401,10 +447,19 @@ def job_pb(job: Job) -> Any:
         sync=job.sync,
         removed=job.removed,
         objects_per_second=job.objects_per_second(),
+        kind=_KINDS_PB[job.kind],
     )
 
 
-def check_source(source: str) -> str:
+_KINDS = {
+    ing_pb.GALLERY_KIND_UNSPECIFIED: "images",
+    ing_pb.GALLERY_KIND_IMAGES: "images",
+    ing_pb.GALLERY_KIND_TEXTS: "texts",
+}
+_KINDS_PB = {"images": ing_pb.GALLERY_KIND_IMAGES, "texts": ing_pb.GALLERY_KIND_TEXTS}
+
+
+def check_source(source: str, kind: str = "images") -> str:
     from pathlib import Path
 
     source = source.strip()
@@ -417,6 +472,10 @@ def check_source(source: str) -> str:
     path = Path(source.removeprefix("file://"))
     if not path.is_absolute():
         raise BadRequest(f"source folder {source!r} must be an absolute path on the server")
+    if kind == "texts" and path.suffix == ".jsonl":
+        if not path.is_file():
+            raise BadRequest(f"source file {source} does not exist on the server")
+        return source
     if not path.is_dir():
         raise BadRequest(f"source folder {source} does not exist on the server")
     return source
@@ -430,13 +489,21 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
     async def CreateIngestJob(self, request: Any, context: Any) -> Any:
         b = self.b
         name = check_collection(request.collection)
-        source = check_source(request.source)
+        if request.kind not in _KINDS:
+            raise BadRequest(f"unknown gallery kind {request.kind}")
+        kind = _KINDS[request.kind]
+        source = check_source(request.source, kind)
         chunk = request.chunk_size or b.default_chunk_size
         if chunk < 0:
             raise BadRequest(f"chunk_size {chunk} is negative")
         if chunk > 10_000:
             raise BadRequest(f"chunk_size {chunk} exceeds the limit of 10000")
-        await asyncio.to_thread(b.index.ensure_collection, name, b.vectors, b.model_version)
+        vectors = b.text_vectors if kind == "texts" else b.vectors
+        try:
+            await asyncio.to_thread(b.index.ensure_collection, name, vectors, b.model_version)
+        except ModelVersionMismatch as exc:
+            other = "an image" if kind == "texts" else "a text"
+            raise ModelVersionMismatch(f"{exc} (is it {other} gallery?)") from None
         # An alias is resolved once: the job fills the collection it named at creation.
         name = (await asyncio.to_thread(b.index.describe, name)).name
         job = await asyncio.to_thread(
@@ -447,6 +514,7 @@ class IngestionServicer(ing_grpc.IngestionServiceServicer):
             dict(request.metadata),
             b.model_version,
             request.sync,
+            kind,
         )
         try:
             await asyncio.to_thread(b.queue.submit, job.id)

@@ -193,6 +193,7 @@ def start_stack(
         "IMAGINE_VISION_MODEL": "",
         "IMAGINE_GENERATOR_MODEL": "",
         "IMAGINE_AGGREGATOR_MODEL": "",
+        "IMAGINE_CAPTION_MODEL": "",
         **(extra_env or {}),
     }
     address = env["IMAGINE_GRPC_ADDRESS"]

@@ -11,6 +11,7 @@ Stages, in the order the default models are made (each writes checkpoints/NAME):
   vision        the vision-only encoder (the gallery's `visual` vectors)           fmnist-vision
   generator     the text-conditioned diffusion generator                          fmnist-generator
   aggregator    the CLE-TIR aggregator and fusion weight (needs the three above)  fmnist-aggregator
+  captioner     the caption decoder: cross-entropy, then self-critical (GXN)      fmnist-captioner
 """
 
 from __future__ import annotations
@@ -96,6 +97,24 @@ STAGES = {
             "mode": "mean",
         },
     ),
+    "captioner": Stage(
+        "trainer.caption_stage:caption_stage",
+        "fmnist-captioner",
+        "fmnist-captioner",
+        1,
+        128,
+        1e-3,
+        "imagine.models.captioner:load_captioner",
+        {
+            "dual_model": "local-dir:" + str(CHECKPOINTS / "fmnist-dual"),
+            "visual_lr_scale": 0.0,  # frozen: its outputs are computed once
+            "scst_steps": 120,
+            "scst_batch_size": 64,
+            "scst_lr": 5e-5,
+            "caption_weight": 0.5,
+            "eval_texts_seed": 1,
+        },
+    ),
 }
 
 
@@ -132,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a stage option (JSON)"
     )
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only evaluate the checkpoint at --output (held-out metrics, no training)",
+    )
+    p.add_argument("--eval-out", type=Path, help="captioner: also write eval.json and recall.png")
     return p
 
 
@@ -161,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+    if args.eval_only:
+        if not (output / "config.json").is_file():
+            print(f"error: no checkpoint at {output}", file=sys.stderr)
+            return 2
+        cfg = {"dataset": args.dataset, "seed": args.seed, "eval_out": args.eval_out, **extra}
+        metrics = evaluate(args.stage, output, cfg, args.eval_limit)
+        print(json.dumps(metrics.get("summary", {}), indent=2))
+        return 0
 
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -271,6 +305,10 @@ def evaluate(stage: str, ckpt: Path, cfg: dict[str, Any], limit: int | None) -> 
             "eval_images": len(images),
             "paths": {name: r.as_dict() for name, r in reports.items()},
         }
+    if stage == "captioner":
+        from trainer.caption_stage import evaluate_caption_stage
+
+        return evaluate_caption_stage(ckpt, cfg, limit)
     module = {"vision": "trainer.vision_stage", "generator": "trainer.generator_stage"}[stage]
     fn = {"vision": "evaluate_vision", "generator": "evaluate_generator"}[stage]
     return dict(_symbol(f"{module}:{fn}")(ckpt))

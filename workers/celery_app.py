@@ -101,14 +101,14 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
 
     @app.task(name=TASK_RUN_JOB, base=JobTask, bind=True)
     def ingest_job(self: Task, job_id: str) -> None:
-        def submit(chunk_no: int, items: list[tuple[str, str, str]]) -> None:
+        def submit(chunk_no: int, items: list[tuple[str, ...]]) -> None:
             ingest_chunk.apply_async(args=[job_id, chunk_no, [list(i) for i in items]])
 
         run_job(context.get(), job_id, submit)
 
     @app.task(name=TASK_RUN_CHUNK, base=JobTask, bind=True)
     def ingest_chunk(self: Task, job_id: str, chunk_no: int, items: list[list[str]]) -> None:
-        run_chunk(context.get(), job_id, chunk_no, [(k, e, lbl) for k, e, lbl in items])
+        run_chunk(context.get(), job_id, chunk_no, [tuple(i) for i in items])
 
     return app
 

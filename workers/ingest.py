@@ -1,6 +1,10 @@
 """The ingestion logic: list a source, chunk it, embed chunks, upsert points. No Celery here.
 
 A job task lists the source and fans out chunk tasks (keys and etags only, never image bytes).
+Image galleries get each image's vectors (``image``, ``visual``) and, with a caption decoder, its
+caption in the payload and the caption's text vector (``caption``). Text galleries
+(``kind="texts"``: ``.txt`` objects, ``.jsonl`` objects or one local ``.jsonl`` file) get a
+``text`` vector per text; their chunk items carry the (short) texts themselves.
 A chunk task skips objects whose etag is unchanged, reads the rest, gets their vectors from the
 encoder deployments, and upserts them under ids derived from the object identity. Bad objects
 become per-object failures with a reason; they never stop the job. Chunk outcomes are counted
@@ -9,11 +13,13 @@ once per chunk number, so a retried or redelivered chunk never double-counts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from imagine.index import Point, PointStore, point_id
@@ -24,8 +30,18 @@ log = logging.getLogger("imagine.ingest")
 
 MANIFEST_KEY = "manifest.jsonl"  # optional labels: {"image": "key", "label": "..."} per line
 
-# One chunk item: (key, etag, label)
-Item = tuple[str, str, str]
+# One chunk item: (key, etag, label) for images; (key, etag, label, text, error) for texts
+Item = tuple[str, ...]
+MAX_TEXT_CHARS = 1000  # as the services accept (EncodeText)
+MAX_TEXT_FILE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class Embedded:
+    """What the models made of one image: named vectors and payload fields (its caption)."""
+
+    vectors: dict[str, list[float]]
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 class Encoder(Protocol):
@@ -33,8 +49,12 @@ class Encoder(Protocol):
 
     model_version: str
 
-    def encode_images(self, images: list[bytes]) -> list[dict[str, list[float]] | str]:
-        """Per image: its named vectors, or the reason it could not be encoded."""
+    def encode_images(self, images: list[bytes]) -> list[Embedded | str]:
+        """Per image: its vectors and payload fields, or the reason it could not be encoded."""
+        ...
+
+    def encode_texts(self, texts: list[str]) -> list[list[float]]:
+        """Per text: its joint-space vector (texts are non-empty and within the limit)."""
         ...
 
 
@@ -84,31 +104,91 @@ def run_job(
         raise
 
 
+def open_source(ctx: IngestContext, source: str) -> tuple[ObjectStore, str | None]:
+    """The store of a source, and the one key to read when the source is a single local file
+    (a text gallery's ``.jsonl``)."""
+    path = Path(source.removeprefix("file://"))
+    if "://" not in source.replace("file://", "") and path.suffix == ".jsonl":
+        return ctx.open_store(str(path.parent)), path.name
+    return ctx.open_store(source), None
+
+
+def _image_items(store: ObjectStore) -> Iterator[Item]:
+    labels = read_labels(store)
+    for obj in store.list():
+        if obj.key != MANIFEST_KEY:
+            yield (obj.key, obj.etag, labels.get(obj.key, ""))
+
+
+def _text_item(key: str, text: Any, label: Any) -> Item:
+    if not isinstance(text, str) or not text.strip():
+        return (key, "", "", "", "no text: a record needs a non-empty string 'text'")
+    if len(text) > MAX_TEXT_CHARS:
+        return (key, "", "", "", f"text exceeds the limit of {MAX_TEXT_CHARS} characters")
+    label = label if isinstance(label, str) else ""
+    etag = hashlib.sha256(f"{text}\0{label}".encode()).hexdigest()[:32]
+    return (key, etag, label, text.strip(), "")
+
+
+def _text_items(store: ObjectStore, only: str | None, max_bytes: int) -> Iterator[Item]:
+    """Texts of a text gallery: each ``.txt`` object is one text; each ``.jsonl`` line a record
+    ``{"text": ..., "id": ..., "label": ...}`` (key ``FILE#ID``, or ``FILE#LINE`` without id)."""
+    objects = [store.stat(only)] if only else store.list()
+    for obj in objects:
+        if obj.key.endswith(".txt"):
+            try:
+                raw = store.read(obj.key, max_bytes=max_bytes)
+            except ObjectTooLarge as exc:
+                yield (obj.key, "", "", "", f"object too large: {exc}")
+                continue
+            yield _text_item(obj.key, raw.decode("utf-8", errors="replace"), "")
+        elif obj.key.endswith(".jsonl"):
+            raw = store.read(obj.key, max_bytes=MAX_TEXT_FILE_BYTES)
+            lines = raw.decode("utf-8", errors="replace").splitlines()
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield (f"{obj.key}#{lineno}", "", "", "", f"line {lineno} is not JSON: {exc}")
+                    continue
+                if not isinstance(rec, dict):
+                    yield (f"{obj.key}#{lineno}", "", "", "", f"line {lineno} is not an object")
+                    continue
+                key = f"{obj.key}#{rec.get('id', lineno)}"
+                yield _text_item(key, rec.get("text"), rec.get("label", ""))
+        elif obj.key != MANIFEST_KEY:
+            yield (obj.key, "", "", "", "not a text object: use .txt or .jsonl")
+
+
 def _list_source(
     ctx: IngestContext, job_id: str, submit_chunk: Callable[[int, list[Item]], None]
 ) -> None:
     job = ctx.jobs.get(job_id)
-    store = ctx.open_store(job.source)
-    labels = read_labels(store)
+    store, only = open_source(ctx, job.source)
+    items = (
+        _text_items(store, only, ctx.max_object_bytes)
+        if job.kind == "texts"
+        else _image_items(store)
+    )
     chunk: list[Item] = []
     total = chunks = 0
-    for obj in store.list():
-        if obj.key == MANIFEST_KEY:
-            continue
-        chunk.append((obj.key, obj.etag, labels.get(obj.key, "")))
+    for item in items:
+        chunk.append(item)
         total += 1
         if len(chunk) >= job.chunk_size:
             if ctx.jobs.get(job_id).state is JobState.CANCELLED:
                 return
             if job.sync:
-                ctx.jobs.add_listed(job_id, [point_id(_uri(store, k)) for k, _, _ in chunk])
+                ctx.jobs.add_listed(job_id, [point_id(_uri(store, it[0])) for it in chunk])
             ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
             submit_chunk(chunks, chunk)
             ctx.jobs.update_listed(job_id, total)
             chunks, chunk = chunks + 1, []
     if chunk:
         if job.sync:
-            ctx.jobs.add_listed(job_id, [point_id(_uri(store, k)) for k, _, _ in chunk])
+            ctx.jobs.add_listed(job_id, [point_id(_uri(store, it[0])) for it in chunk])
         ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
         submit_chunk(chunks, chunk)
         chunks += 1
@@ -148,18 +228,30 @@ def run_chunk(ctx: IngestContext, job_id: str, chunk_no: int, items: Sequence[It
             f"the encoder serves {ctx.encoder.model_version}, "
             f"job {job_id} needs {job.model_version}"
         )
-    store = ctx.open_store(job.source)
-    uris = {key: _uri(store, key) for key, _, _ in items}
-    ids = {key: point_id(uris[key]) for key, _, _ in items}
+    store, _ = open_source(ctx, job.source)
+    uris = {it[0]: _uri(store, it[0]) for it in items}
+    ids = {key: point_id(uri) for key, uri in uris.items()}
     existing = ctx.index.get_etags(job.collection, list(ids.values()))
-    todo = [it for it in items if existing.get(ids[it[0]]) != it[1]]
+    todo = [it for it in items if not it[1] or existing.get(ids[it[0]]) != it[1]]
     skipped = len(items) - len(todo)
     failures: list[tuple[str, str]] = []
     points: list[Point] = []
+    if job.kind == "texts":
+        for start in range(0, len(todo), ctx.encode_batch):
+            batch = [it for it in todo[start : start + ctx.encode_batch] if not it[4]]
+            failures.extend((uris[it[0]], it[4]) for it in todo[start : start + ctx.encode_batch]
+                            if it[4])  # fmt: skip
+            text_vecs = ctx.encoder.encode_texts([it[3] for it in batch]) if batch else []
+            for (key, etag, label, text, _), vec in zip(batch, text_vecs, strict=True):
+                payload = _payload(job, uris[key], key, etag, label, len(text.encode()))
+                points.append(Point(ids[key], {"text": vec}, payload | {"text": text}))
+        ctx.index.upsert(job.collection, points)
+        ctx.jobs.record_chunk(job_id, chunk_no, len(points), skipped, failures)
+        return
     for start in range(0, len(todo), ctx.encode_batch):
         batch = todo[start : start + ctx.encode_batch]
         blobs, ok = [], []
-        for key, etag, label in batch:
+        for key, etag, label in (it[:3] for it in batch):
             try:
                 blobs.append(store.read(key, max_bytes=ctx.max_object_bytes))
                 ok.append((key, etag, label))
@@ -172,16 +264,13 @@ def run_chunk(ctx: IngestContext, job_id: str, chunk_no: int, items: Sequence[It
                     raise  # unavailable store: retry the chunk
                 failures.append((uris[key], f"unreadable object: {exc}"))
         vectors = ctx.encoder.encode_images(blobs) if blobs else []
-        for (key, etag, label), vec, blob in zip(ok, vectors, blobs, strict=True):
-            if isinstance(vec, str):
-                failures.append((uris[key], vec))
+        for (key, etag, label), emb, blob in zip(ok, vectors, blobs, strict=True):
+            if isinstance(emb, str):
+                failures.append((uris[key], emb))
                 continue
+            payload = _payload(job, uris[key], key, etag, label, len(blob))
             points.append(
-                Point(
-                    id=ids[key],
-                    vectors=dict(vec),
-                    payload=_payload(job, uris[key], key, etag, label, len(blob)),
-                )
+                Point(id=ids[key], vectors=dict(emb.vectors), payload=payload | emb.payload)
             )
     ctx.index.upsert(job.collection, points)
     ctx.jobs.record_chunk(job_id, chunk_no, len(points), skipped, failures)

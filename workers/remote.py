@@ -21,6 +21,7 @@ from imagine.index import CollectionNotFound, ModelVersionMismatch, Point
 from protos.gen.imagine.v1 import common_pb2
 from protos.gen.imagine.v1 import index_service_pb2 as idx_pb
 from protos.gen.imagine.v1 import index_service_pb2_grpc as idx_grpc
+from workers.ingest import Embedded
 
 T = TypeVar("T")
 _POOL = ThreadPoolExecutor(8, thread_name_prefix="encode-rpc")
@@ -47,7 +48,8 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 class GrpcEncoder:
-    """Every named image vector the served model has (``image``, and ``visual`` if present)."""
+    """Every named image vector the served model has (``image``, and ``visual`` if present),
+    and with a caption decoder each image's caption and its text vector (``caption``)."""
 
     def __init__(self, client: ImagineClient) -> None:
         self.client = client
@@ -59,24 +61,48 @@ class GrpcEncoder:
         except grpc.RpcError as exc:
             if exc.code() is not grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
                 raise
+        self.captions = True
+        try:
+            call(client.caption, [_probe_png()])
+        except ModelVersionMismatch:  # FAILED_PRECONDITION: no caption decoder
+            self.captions = False
 
-    def encode_images(self, images: list[bytes]) -> list[dict[str, list[float]] | str]:
-        # One RPC per vector, in flight together: each encoder deployment batches its own.
-        # (each in a copy of this thread's context: the calls carry the task's job id)
+    def encode_texts(self, texts: list[str]) -> list[list[float]]:
+        return call(self.client.encode_text, texts)[0]
+
+    def encode_images(self, images: list[bytes]) -> list[Embedded | str]:
+        # One RPC per vector (and the captions), in flight together: each deployment batches
+        # its own (each in a copy of this thread's context: the calls carry the task's job id).
         futures = {
             name: _POOL.submit(
                 contextvars.copy_context().run, call, self.client.encode_images, images, name
             )
             for name in self.vectors
         }
+        captions = (
+            _POOL.submit(contextvars.copy_context().run, call, self.client.caption, images)
+            if self.captions
+            else None
+        )
         per_vector = {name: f.result()[0] for name, f in futures.items()}
-        out: list[dict[str, list[float]] | str] = []
+        out: list[Embedded | str] = []
         for i in range(len(images)):
             first = per_vector["image"][i]
             if isinstance(first, str):
                 out.append(first)
             else:
-                out.append({name: per_vector[name][i] for name in self.vectors})  # type: ignore[misc]
+                out.append(Embedded({name: per_vector[name][i] for name in self.vectors}))  # type: ignore[misc]
+        if captions is not None:
+            caps = captions.result()[0]
+            todo = [i for i, e in enumerate(out) if not isinstance(e, str) and caps[i].text]
+            vecs = self.encode_texts([caps[i].text for i in todo]) if todo else []
+            for i, vec in zip(todo, vecs, strict=True):
+                emb = out[i]
+                assert not isinstance(emb, str)
+                emb.vectors["caption"] = vec
+            for i, emb in enumerate(out):
+                if not isinstance(emb, str):
+                    emb.payload = {"caption": caps[i].text, "caption_log_prob": caps[i].log_prob}
         return out
 
 

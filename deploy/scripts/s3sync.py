@@ -7,9 +7,9 @@ Used inside the cluster images (the script is copied to ``/app/deploy/scripts``)
   to upload a gallery.
 - ``fetch-model --from s3://imagine-checkpoints --models-dir /models``: the init container of the
   Ray pods. For each model spec the services load (``IMAGINE_MODEL``, ``IMAGINE_VISION_MODEL``,
-  ``IMAGINE_GENERATOR_MODEL``, ``IMAGINE_AGGREGATOR_MODEL``) that is ``local-dir:/models/NAME``
-  and whose folder holds no checkpoint yet, copy ``<from>/NAME`` there. A model baked into the
-  image (any other path) or switched off (empty) needs nothing.
+  ``IMAGINE_GENERATOR_MODEL``, ``IMAGINE_AGGREGATOR_MODEL``, ``IMAGINE_CAPTION_MODEL``) that is
+  ``local-dir:/models/NAME`` and whose folder holds no checkpoint yet, copy ``<from>/NAME``
+  there. A model baked into the image (any other path) or switched off (empty) needs nothing.
 
 S3 credentials come from the same settings the services read (``IMAGINE_STORAGE__*``).
 Objects are read whole into memory: fine for the checkpoints and images used today.
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.vision_model,
             settings.generator_model,
             settings.aggregator_model,
+            settings.caption_model,
         ]
         for spec in filter(None, specs):
             print(fetch_model(spec, args.models_dir, args.source, settings.storage))

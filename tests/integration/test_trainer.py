@@ -87,3 +87,36 @@ def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert res.returncode != 0
     assert "missing.png not found" in res.stdout + res.stderr
+
+
+def test_caption_stage_learns_the_captions_of_a_folder_dataset(tmp_path: Path) -> None:
+    """Cross-entropy then self-critical steps on a folder dataset (captions used as given); the
+    checkpoint keeps its vocabulary and captions held-out images of each kind correctly."""
+    from imagine.models.captioner import load_captioner
+
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "cap"
+    result = _train(
+        [
+            "--stage", "captioner", "--dataset", f"folder:{data}", "--model-config",
+            "tiny-captioner", "--output", str(out), "--batch-size", "16", "--epochs", "15",
+            "--lr", "3e-3", "--set", "dual_model=config:tiny-dual", "--set", "scst_steps=3",
+            "--set", "scst_batch_size=8",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["xe_steps"] == 90 and manifest["training"]["scst_steps"] == 3
+    assert manifest["training"]["steps"] == 93
+    assert manifest["stage"] == "captioner" and manifest["model_version"].startswith("cap-")
+
+    captioner = load_captioner(f"local-dir:{out}", device="cpu")
+    assert captioner.vocab[4:] == sorted(
+        ["a", "bright", "square", "box", "dark", "striped", "scarf"]
+    )
+    bright = Image.fromarray(np.pad(np.full((16, 16), 230, np.uint8), 6), mode="L")
+    stripes = np.zeros((28, 28), np.uint8)
+    stripes[:, ::4] = 80
+    caps = captioner.caption([bright, Image.fromarray(stripes, mode="L")], "beam", beam_size=2)
+    assert [c.text for c in caps] == ["a bright square box", "a dark striped scarf"], caps

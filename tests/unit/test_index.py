@@ -464,3 +464,31 @@ def test_collections_are_created_with_the_configured_layout() -> None:
     ix.ensure_collection("g", {"image": 2}, "m")  # exists: not created again
     assert [(c["shard_number"], c["replication_factor"]) for c in created] == [(3, 2)]
     assert QdrantIndex.embedded(":memory:")._layout == {}  # embedded: nothing to lay out
+
+
+def test_two_paths_over_one_vector_of_a_text_gallery(index: QdrantIndex) -> None:
+    """A text gallery: the image path and the caption path both search the ``text`` vector
+    (``using``); each hit carries the exact cosine of each query and the fused score."""
+    rng = np.random.default_rng(5)
+    index.ensure_collection("t", {"text": 8}, "m")
+    texts = {}
+    for i in range(60):
+        v = rng.normal(size=8)
+        texts[point_id(f"t/{i}")] = v
+        index.upsert("t", [_point(f"t/{i}", text=list(v))])
+    queries = {"image": rng.normal(size=8), "caption": rng.normal(size=8)}
+    weights = {"image": 0.5, "caption": 0.5}
+
+    hits = index.search(
+        "t", queries, weights, limit=60, candidates=10, using={"image": "text", "caption": "text"}
+    )
+
+    exact = {pid: {p: _cos(queries[p], v) for p in queries} for pid, v in texts.items()}
+    fused = {pid: 0.5 * s["image"] + 0.5 * s["caption"] for pid, s in exact.items()}
+    top = sorted(fused, key=fused.__getitem__, reverse=True)[:5]
+    assert [h.id for h in hits[:5]] == top
+    for hit in hits:
+        assert hit.path_scores == pytest.approx(exact[hit.id], abs=1e-5)
+        assert hit.score == pytest.approx(fused[hit.id], abs=1e-5)
+    with pytest.raises(Exception):  # noqa: B017 - without the mapping there is no image vector
+        index.search("t", queries, weights, limit=5)

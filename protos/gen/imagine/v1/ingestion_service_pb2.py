@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"imagine/v1/ingestion_service.proto\x12\nimagine.v1\",\n\rObjectFailure\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x83\x03\n\tIngestJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.imagine.v1.JobState\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x10\n\x08\x65mbedded\x18\x06 \x01(\x04\x12\x0f\n\x07skipped\x18\x07 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x08 \x01(\x04\x12\x14\n\x0clisting_done\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x12+\n\x08\x66\x61ilures\x18\x0f \x03(\x0b\x32\x19.imagine.v1.ObjectFailure\x12\x0c\n\x04sync\x18\x10 \x01(\x08\x12\x0f\n\x07removed\x18\x11 \x01(\x04\x12\x1a\n\x12objects_per_second\x18\x12 \x01(\x01\"\xd3\x01\n\x16\x43reateIngestJobRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x42\n\x08metadata\x18\x03 \x03(\x0b\x32\x30.imagine.v1.CreateIngestJobRequest.MetadataEntry\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0c\n\x04sync\x18\x05 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x17\x43reateIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\"!\n\x13GetIngestJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x14GetIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\"#\n\x15WatchIngestJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x16WatchIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\"$\n\x16\x43\x61ncelIngestJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"=\n\x17\x43\x61ncelIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\">\n\x15ListIngestJobsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\"=\n\x16ListIngestJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.imagine.v1.IngestJob\"Q\n\x1cListIngestJobFailuresRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x1dListIngestJobFailuresResponse\x12+\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x19.imagine.v1.ObjectFailure\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xbf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12#\n\x1fJOB_STATE_SUCCEEDED_WITH_ERRORS\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xbf\x04\n\x10IngestionService\x12Z\n\x0f\x43reateIngestJob\x12\".imagine.v1.CreateIngestJobRequest\x1a#.imagine.v1.CreateIngestJobResponse\x12Q\n\x0cGetIngestJob\x12\x1f.imagine.v1.GetIngestJobRequest\x1a .imagine.v1.GetIngestJobResponse\x12Y\n\x0eWatchIngestJob\x12!.imagine.v1.WatchIngestJobRequest\x1a\".imagine.v1.WatchIngestJobResponse0\x01\x12Z\n\x0f\x43\x61ncelIngestJob\x12\".imagine.v1.CancelIngestJobRequest\x1a#.imagine.v1.CancelIngestJobResponse\x12W\n\x0eListIngestJobs\x12!.imagine.v1.ListIngestJobsRequest\x1a\".imagine.v1.ListIngestJobsResponse\x12l\n\x15ListIngestJobFailures\x12(.imagine.v1.ListIngestJobFailuresRequest\x1a).imagine.v1.ListIngestJobFailuresResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"imagine/v1/ingestion_service.proto\x12\nimagine.v1\",\n\rObjectFailure\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xaa\x03\n\tIngestJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.imagine.v1.JobState\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x10\n\x08\x65mbedded\x18\x06 \x01(\x04\x12\x0f\n\x07skipped\x18\x07 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x08 \x01(\x04\x12\x14\n\x0clisting_done\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x12+\n\x08\x66\x61ilures\x18\x0f \x03(\x0b\x32\x19.imagine.v1.ObjectFailure\x12\x0c\n\x04sync\x18\x10 \x01(\x08\x12\x0f\n\x07removed\x18\x11 \x01(\x04\x12\x1a\n\x12objects_per_second\x18\x12 \x01(\x01\x12%\n\x04kind\x18\x13 \x01(\x0e\x32\x17.imagine.v1.GalleryKind\"\xfa\x01\n\x16\x43reateIngestJobRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x42\n\x08metadata\x18\x03 \x03(\x0b\x32\x30.imagine.v1.CreateIngestJobRequest.MetadataEntry\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0c\n\x04sync\x18\x05 \x01(\x08\x12%\n\x04kind\x18\x06 \x01(\x0e\x32\x17.imagine.v1.GalleryKind\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x17\x43reateIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\"!\n\x13GetIngestJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x14GetIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\"#\n\x15WatchIngestJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x16WatchIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\"$\n\x16\x43\x61ncelIngestJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"=\n\x17\x43\x61ncelIngestJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.imagine.v1.IngestJob\">\n\x15ListIngestJobsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\"=\n\x16ListIngestJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.imagine.v1.IngestJob\"Q\n\x1cListIngestJobFailuresRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x1dListIngestJobFailuresResponse\x12+\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x19.imagine.v1.ObjectFailure\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xbf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12#\n\x1fJOB_STATE_SUCCEEDED_WITH_ERRORS\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*\\\n\x0bGalleryKind\x12\x1c\n\x18GALLERY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13GALLERY_KIND_IMAGES\x10\x01\x12\x16\n\x12GALLERY_KIND_TEXTS\x10\x02\x32\xbf\x04\n\x10IngestionService\x12Z\n\x0f\x43reateIngestJob\x12\".imagine.v1.CreateIngestJobRequest\x1a#.imagine.v1.CreateIngestJobResponse\x12Q\n\x0cGetIngestJob\x12\x1f.imagine.v1.GetIngestJobRequest\x1a .imagine.v1.GetIngestJobResponse\x12Y\n\x0eWatchIngestJob\x12!.imagine.v1.WatchIngestJobRequest\x1a\".imagine.v1.WatchIngestJobResponse0\x01\x12Z\n\x0f\x43\x61ncelIngestJob\x12\".imagine.v1.CancelIngestJobRequest\x1a#.imagine.v1.CancelIngestJobResponse\x12W\n\x0eListIngestJobs\x12!.imagine.v1.ListIngestJobsRequest\x1a\".imagine.v1.ListIngestJobsResponse\x12l\n\x15ListIngestJobFailures\x12(.imagine.v1.ListIngestJobFailuresRequest\x1a).imagine.v1.ListIngestJobFailuresResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEINGESTJOBREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_CREATEINGESTJOBREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1372
-  _globals['_JOBSTATE']._serialized_end=1563
+  _globals['_JOBSTATE']._serialized_start=1450
+  _globals['_JOBSTATE']._serialized_end=1641
+  _globals['_GALLERYKIND']._serialized_start=1643
+  _globals['_GALLERYKIND']._serialized_end=1735
   _globals['_OBJECTFAILURE']._serialized_start=50
   _globals['_OBJECTFAILURE']._serialized_end=94
   _globals['_INGESTJOB']._serialized_start=97
-  _globals['_INGESTJOB']._serialized_end=484
-  _globals['_CREATEINGESTJOBREQUEST']._serialized_start=487
-  _globals['_CREATEINGESTJOBREQUEST']._serialized_end=698
-  _globals['_CREATEINGESTJOBREQUEST_METADATAENTRY']._serialized_start=651
-  _globals['_CREATEINGESTJOBREQUEST_METADATAENTRY']._serialized_end=698
-  _globals['_CREATEINGESTJOBRESPONSE']._serialized_start=700
-  _globals['_CREATEINGESTJOBRESPONSE']._serialized_end=761
-  _globals['_GETINGESTJOBREQUEST']._serialized_start=763
-  _globals['_GETINGESTJOBREQUEST']._serialized_end=796
-  _globals['_GETINGESTJOBRESPONSE']._serialized_start=798
-  _globals['_GETINGESTJOBRESPONSE']._serialized_end=856
-  _globals['_WATCHINGESTJOBREQUEST']._serialized_start=858
-  _globals['_WATCHINGESTJOBREQUEST']._serialized_end=893
-  _globals['_WATCHINGESTJOBRESPONSE']._serialized_start=895
-  _globals['_WATCHINGESTJOBRESPONSE']._serialized_end=955
-  _globals['_CANCELINGESTJOBREQUEST']._serialized_start=957
-  _globals['_CANCELINGESTJOBREQUEST']._serialized_end=993
-  _globals['_CANCELINGESTJOBRESPONSE']._serialized_start=995
-  _globals['_CANCELINGESTJOBRESPONSE']._serialized_end=1056
-  _globals['_LISTINGESTJOBSREQUEST']._serialized_start=1058
-  _globals['_LISTINGESTJOBSREQUEST']._serialized_end=1120
-  _globals['_LISTINGESTJOBSRESPONSE']._serialized_start=1122
-  _globals['_LISTINGESTJOBSRESPONSE']._serialized_end=1183
-  _globals['_LISTINGESTJOBFAILURESREQUEST']._serialized_start=1185
-  _globals['_LISTINGESTJOBFAILURESREQUEST']._serialized_end=1266
-  _globals['_LISTINGESTJOBFAILURESRESPONSE']._serialized_start=1268
-  _globals['_LISTINGESTJOBFAILURESRESPONSE']._serialized_end=1369
-  _globals['_INGESTIONSERVICE']._serialized_start=1566
-  _globals['_INGESTIONSERVICE']._serialized_end=2141
+  _globals['_INGESTJOB']._serialized_end=523
+  _globals['_CREATEINGESTJOBREQUEST']._serialized_start=526
+  _globals['_CREATEINGESTJOBREQUEST']._serialized_end=776
+  _globals['_CREATEINGESTJOBREQUEST_METADATAENTRY']._serialized_start=729
+  _globals['_CREATEINGESTJOBREQUEST_METADATAENTRY']._serialized_end=776
+  _globals['_CREATEINGESTJOBRESPONSE']._serialized_start=778
+  _globals['_CREATEINGESTJOBRESPONSE']._serialized_end=839
+  _globals['_GETINGESTJOBREQUEST']._serialized_start=841
+  _globals['_GETINGESTJOBREQUEST']._serialized_end=874
+  _globals['_GETINGESTJOBRESPONSE']._serialized_start=876
+  _globals['_GETINGESTJOBRESPONSE']._serialized_end=934
+  _globals['_WATCHINGESTJOBREQUEST']._serialized_start=936
+  _globals['_WATCHINGESTJOBREQUEST']._serialized_end=971
+  _globals['_WATCHINGESTJOBRESPONSE']._serialized_start=973
+  _globals['_WATCHINGESTJOBRESPONSE']._serialized_end=1033
+  _globals['_CANCELINGESTJOBREQUEST']._serialized_start=1035
+  _globals['_CANCELINGESTJOBREQUEST']._serialized_end=1071
+  _globals['_CANCELINGESTJOBRESPONSE']._serialized_start=1073
+  _globals['_CANCELINGESTJOBRESPONSE']._serialized_end=1134
+  _globals['_LISTINGESTJOBSREQUEST']._serialized_start=1136
+  _globals['_LISTINGESTJOBSREQUEST']._serialized_end=1198
+  _globals['_LISTINGESTJOBSRESPONSE']._serialized_start=1200
+  _globals['_LISTINGESTJOBSRESPONSE']._serialized_end=1261
+  _globals['_LISTINGESTJOBFAILURESREQUEST']._serialized_start=1263
+  _globals['_LISTINGESTJOBFAILURESREQUEST']._serialized_end=1344
+  _globals['_LISTINGESTJOBFAILURESRESPONSE']._serialized_start=1346
+  _globals['_LISTINGESTJOBFAILURESRESPONSE']._serialized_end=1447
+  _globals['_INGESTIONSERVICE']._serialized_start=1738
+  _globals['_INGESTIONSERVICE']._serialized_end=2313
 # @@protoc_insertion_point(module_scope)

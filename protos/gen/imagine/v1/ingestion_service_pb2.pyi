@@ -16,6 +16,12 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED_WITH_ERRORS: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class GalleryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GALLERY_KIND_UNSPECIFIED: _ClassVar[GalleryKind]
+    GALLERY_KIND_IMAGES: _ClassVar[GalleryKind]
+    GALLERY_KIND_TEXTS: _ClassVar[GalleryKind]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -23,6 +29,9 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_SUCCEEDED_WITH_ERRORS: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+GALLERY_KIND_UNSPECIFIED: GalleryKind
+GALLERY_KIND_IMAGES: GalleryKind
+GALLERY_KIND_TEXTS: GalleryKind
 
 class ObjectFailure(_message.Message):
     __slots__ = ("uri", "reason")
@@ -33,7 +42,7 @@ class ObjectFailure(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IngestJob(_message.Message):
-    __slots__ = ("id", "collection", "source", "state", "total", "embedded", "skipped", "failed", "listing_done", "error", "model_version", "created_at", "started_at", "finished_at", "failures", "sync", "removed", "objects_per_second")
+    __slots__ = ("id", "collection", "source", "state", "total", "embedded", "skipped", "failed", "listing_done", "error", "model_version", "created_at", "started_at", "finished_at", "failures", "sync", "removed", "objects_per_second", "kind")
     ID_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +61,7 @@ class IngestJob(_message.Message):
     SYNC_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     id: str
     collection: str
     source: str
@@ -70,10 +80,11 @@ class IngestJob(_message.Message):
     sync: bool
     removed: int
     objects_per_second: float
-    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., embedded: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., listing_done: _Optional[bool] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failures: _Optional[_Iterable[_Union[ObjectFailure, _Mapping]]] = ..., sync: _Optional[bool] = ..., removed: _Optional[int] = ..., objects_per_second: _Optional[float] = ...) -> None: ...
+    kind: GalleryKind
+    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., embedded: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., listing_done: _Optional[bool] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failures: _Optional[_Iterable[_Union[ObjectFailure, _Mapping]]] = ..., sync: _Optional[bool] = ..., removed: _Optional[int] = ..., objects_per_second: _Optional[float] = ..., kind: _Optional[_Union[GalleryKind, str]] = ...) -> None: ...
 
 class CreateIngestJobRequest(_message.Message):
-    __slots__ = ("source", "collection", "metadata", "chunk_size", "sync")
+    __slots__ = ("source", "collection", "metadata", "chunk_size", "sync", "kind")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,12 +97,14 @@ class CreateIngestJobRequest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     source: str
     collection: str
     metadata: _containers.ScalarMap[str, str]
     chunk_size: int
     sync: bool
-    def __init__(self, source: _Optional[str] = ..., collection: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., sync: _Optional[bool] = ...) -> None: ...
+    kind: GalleryKind
+    def __init__(self, source: _Optional[str] = ..., collection: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ..., sync: _Optional[bool] = ..., kind: _Optional[_Union[GalleryKind, str]] = ...) -> None: ...
 
 class CreateIngestJobResponse(_message.Message):
     __slots__ = ("job",)

@@ -25,25 +25,33 @@ _sym_db = _symbol_database.Default()
 from protos.gen.imagine.v1 import common_pb2 as imagine_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eimagine/v1/model_service.proto\x12\nimagine.v1\x1a\x17imagine/v1/common.proto\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"S\n\x12\x45ncodeTextResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"4\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06vector\x18\x02 \x01(\t\"d\n\x13\x45ncodeImageResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"d\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nnum_images\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"9\n\x10GenerateResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\xf2\x01\n\x0cModelService\x12K\n\nEncodeText\x12\x1d.imagine.v1.EncodeTextRequest\x1a\x1e.imagine.v1.EncodeTextResponse\x12N\n\x0b\x45ncodeImage\x12\x1e.imagine.v1.EncodeImageRequest\x1a\x1f.imagine.v1.EncodeImageResponse\x12\x45\n\x08Generate\x12\x1b.imagine.v1.GenerateRequest\x1a\x1c.imagine.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eimagine/v1/model_service.proto\x12\nimagine.v1\x1a\x17imagine/v1/common.proto\"\x86\x01\n\x0e\x43\x61ptionRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12.\n\x08strategy\x18\x02 \x01(\x0e\x32\x1c.imagine.v1.DecodingStrategy\x12\x11\n\tbeam_size\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"8\n\x07\x43\x61ption\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x01\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"O\n\x0f\x43\x61ptionResponse\x12%\n\x08\x63\x61ptions\x18\x01 \x03(\x0b\x32\x13.imagine.v1.Caption\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"S\n\x12\x45ncodeTextResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"4\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06vector\x18\x02 \x01(\t\"d\n\x13\x45ncodeImageResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.imagine.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"d\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nnum_images\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"9\n\x10GenerateResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x15\n\rmodel_version\x18\x02 \x01(\t*\x8d\x01\n\x10\x44\x65\x63odingStrategy\x12!\n\x1d\x44\x45\x43ODING_STRATEGY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ODING_STRATEGY_GREEDY\x10\x01\x12\x1a\n\x16\x44\x45\x43ODING_STRATEGY_BEAM\x10\x02\x12\x1c\n\x18\x44\x45\x43ODING_STRATEGY_SAMPLE\x10\x03\x32\xb6\x02\n\x0cModelService\x12K\n\nEncodeText\x12\x1d.imagine.v1.EncodeTextRequest\x1a\x1e.imagine.v1.EncodeTextResponse\x12N\n\x0b\x45ncodeImage\x12\x1e.imagine.v1.EncodeImageRequest\x1a\x1f.imagine.v1.EncodeImageResponse\x12\x45\n\x08Generate\x12\x1b.imagine.v1.GenerateRequest\x1a\x1c.imagine.v1.GenerateResponse\x12\x42\n\x07\x43\x61ption\x12\x1a.imagine.v1.CaptionRequest\x1a\x1b.imagine.v1.CaptionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagine.v1.model_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODETEXTREQUEST']._serialized_start=71
-  _globals['_ENCODETEXTREQUEST']._serialized_end=105
-  _globals['_ENCODETEXTRESPONSE']._serialized_start=107
-  _globals['_ENCODETEXTRESPONSE']._serialized_end=190
-  _globals['_ENCODEIMAGEREQUEST']._serialized_start=192
-  _globals['_ENCODEIMAGEREQUEST']._serialized_end=244
-  _globals['_ENCODEIMAGERESPONSE']._serialized_start=246
-  _globals['_ENCODEIMAGERESPONSE']._serialized_end=346
-  _globals['_GENERATEREQUEST']._serialized_start=348
-  _globals['_GENERATEREQUEST']._serialized_end=448
-  _globals['_GENERATERESPONSE']._serialized_start=450
-  _globals['_GENERATERESPONSE']._serialized_end=507
-  _globals['_MODELSERVICE']._serialized_start=510
-  _globals['_MODELSERVICE']._serialized_end=752
+  _globals['_DECODINGSTRATEGY']._serialized_start=786
+  _globals['_DECODINGSTRATEGY']._serialized_end=927
+  _globals['_CAPTIONREQUEST']._serialized_start=72
+  _globals['_CAPTIONREQUEST']._serialized_end=206
+  _globals['_CAPTION']._serialized_start=208
+  _globals['_CAPTION']._serialized_end=264
+  _globals['_CAPTIONRESPONSE']._serialized_start=266
+  _globals['_CAPTIONRESPONSE']._serialized_end=345
+  _globals['_ENCODETEXTREQUEST']._serialized_start=347
+  _globals['_ENCODETEXTREQUEST']._serialized_end=381
+  _globals['_ENCODETEXTRESPONSE']._serialized_start=383
+  _globals['_ENCODETEXTRESPONSE']._serialized_end=466
+  _globals['_ENCODEIMAGEREQUEST']._serialized_start=468
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=520
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=522
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=622
+  _globals['_GENERATEREQUEST']._serialized_start=624
+  _globals['_GENERATEREQUEST']._serialized_end=724
+  _globals['_GENERATERESPONSE']._serialized_start=726
+  _globals['_GENERATERESPONSE']._serialized_end=783
+  _globals['_MODELSERVICE']._serialized_start=930
+  _globals['_MODELSERVICE']._serialized_end=1240
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,55 @@
 from protos.gen.imagine.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DecodingStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECODING_STRATEGY_UNSPECIFIED: _ClassVar[DecodingStrategy]
+    DECODING_STRATEGY_GREEDY: _ClassVar[DecodingStrategy]
+    DECODING_STRATEGY_BEAM: _ClassVar[DecodingStrategy]
+    DECODING_STRATEGY_SAMPLE: _ClassVar[DecodingStrategy]
+DECODING_STRATEGY_UNSPECIFIED: DecodingStrategy
+DECODING_STRATEGY_GREEDY: DecodingStrategy
+DECODING_STRATEGY_BEAM: DecodingStrategy
+DECODING_STRATEGY_SAMPLE: DecodingStrategy
+
+class CaptionRequest(_message.Message):
+    __slots__ = ("images", "strategy", "beam_size", "temperature", "seed")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    strategy: DecodingStrategy
+    beam_size: int
+    temperature: float
+    seed: int
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., strategy: _Optional[_Union[DecodingStrategy, str]] = ..., beam_size: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Caption(_message.Message):
+    __slots__ = ("text", "log_prob", "error")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    log_prob: float
+    error: str
+    def __init__(self, text: _Optional[str] = ..., log_prob: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class CaptionResponse(_message.Message):
+    __slots__ = ("captions", "model_version")
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    captions: _containers.RepeatedCompositeFieldContainer[Caption]
+    model_version: str
+    def __init__(self, captions: _Optional[_Iterable[_Union[Caption, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class EncodeTextRequest(_message.Message):
     __slots__ = ("texts",)

@@ -50,6 +50,11 @@ class ModelServiceStub:
                 request_serializer=imagine_dot_v1_dot_model__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=imagine_dot_v1_dot_model__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Caption = channel.unary_unary(
+                '/imagine.v1.ModelService/Caption',
+                request_serializer=imagine_dot_v1_dot_model__service__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=imagine_dot_v1_dot_model__service__pb2.CaptionResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -75,6 +80,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Caption(self, request, context):
+        """Images -> captions (the caption decoder), each with its log-probability.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=imagine_dot_v1_dot_model__service__pb2.GenerateRequest.FromString,
                     response_serializer=imagine_dot_v1_dot_model__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Caption': grpc.unary_unary_rpc_method_handler(
+                    servicer.Caption,
+                    request_deserializer=imagine_dot_v1_dot_model__service__pb2.CaptionRequest.FromString,
+                    response_serializer=imagine_dot_v1_dot_model__service__pb2.CaptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class ModelService:
             '/imagine.v1.ModelService/Generate',
             imagine_dot_v1_dot_model__service__pb2.GenerateRequest.SerializeToString,
             imagine_dot_v1_dot_model__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Caption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagine.v1.ModelService/Caption',
+            imagine_dot_v1_dot_model__service__pb2.CaptionRequest.SerializeToString,
+            imagine_dot_v1_dot_model__service__pb2.CaptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

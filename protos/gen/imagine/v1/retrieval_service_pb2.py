@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"imagine/v1/retrieval_service.proto\x12\nimagine.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xe3\x03\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x35\n\x06\x66ilter\x18\x05 \x03(\x0b\x32%.imagine.v1.SearchRequest.FilterEntry\x12$\n\x04mode\x18\x06 \x01(\x0e\x32\x16.imagine.v1.SearchMode\x12@\n\x0cpath_weights\x18\x07 \x03(\x0b\x32*.imagine.v1.SearchRequest.PathWeightsEntry\x12\x15\n\rnum_generated\x18\x08 \x01(\r\x12\r\n\x05steps\x18\t \x01(\r\x12\x10\n\x08guidance\x18\n \x01(\x02\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x0f\n\x07\x65xplain\x18\x0c \x01(\x08\x12,\n\x0b\x61ggregation\x18\r \x01(\x0e\x32\x17.imagine.v1.Aggregation\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10PathWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05query\"\xd9\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12:\n\x0bpath_scores\x18\x03 \x03(\x0b\x32%.imagine.v1.SearchHit.PathScoresEntry\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03url\x18\x06 \x01(\t\x1a\x31\n\x0fPathScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd4\x02\n\x0eSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.imagine.v1.SearchHit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).imagine.v1.SearchResponse.TimingsMsEntry\x12\x18\n\x10generated_images\x18\x04 \x03(\x0c\x12\x38\n\x07weights\x18\x05 \x03(\x0b\x32\'.imagine.v1.SearchResponse.WeightsEntry\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*q\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10SEARCH_MODE_TEXT\x10\x01\x12\x19\n\x15SEARCH_MODE_GENERATED\x10\x02\x12\x15\n\x11SEARCH_MODE_FUSED\x10\x03*[\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GGREGATION_ATTENTION\x10\x01\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x02\x32S\n\x10RetrievalService\x12?\n\x06Search\x12\x19.imagine.v1.SearchRequest\x1a\x1a.imagine.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"imagine/v1/retrieval_service.proto\x12\nimagine.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xe3\x03\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x35\n\x06\x66ilter\x18\x05 \x03(\x0b\x32%.imagine.v1.SearchRequest.FilterEntry\x12$\n\x04mode\x18\x06 \x01(\x0e\x32\x16.imagine.v1.SearchMode\x12@\n\x0cpath_weights\x18\x07 \x03(\x0b\x32*.imagine.v1.SearchRequest.PathWeightsEntry\x12\x15\n\rnum_generated\x18\x08 \x01(\r\x12\r\n\x05steps\x18\t \x01(\r\x12\x10\n\x08guidance\x18\n \x01(\x02\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x0f\n\x07\x65xplain\x18\x0c \x01(\x08\x12,\n\x0b\x61ggregation\x18\r \x01(\x0e\x32\x17.imagine.v1.Aggregation\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10PathWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05query\"\xd9\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12:\n\x0bpath_scores\x18\x03 \x03(\x0b\x32%.imagine.v1.SearchHit.PathScoresEntry\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03url\x18\x06 \x01(\t\x1a\x31\n\x0fPathScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xeb\x02\n\x0eSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.imagine.v1.SearchHit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).imagine.v1.SearchResponse.TimingsMsEntry\x12\x18\n\x10generated_images\x18\x04 \x03(\x0c\x12\x38\n\x07weights\x18\x05 \x03(\x0b\x32\'.imagine.v1.SearchResponse.WeightsEntry\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x15\n\rquery_caption\x18\x07 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*q\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10SEARCH_MODE_TEXT\x10\x01\x12\x19\n\x15SEARCH_MODE_GENERATED\x10\x02\x12\x15\n\x11SEARCH_MODE_FUSED\x10\x03*[\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GGREGATION_ATTENTION\x10\x01\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x02\x32S\n\x10RetrievalService\x12?\n\x06Search\x12\x19.imagine.v1.SearchRequest\x1a\x1a.imagine.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHRESPONSE_WEIGHTSENTRY']._loaded_options = None
   _globals['_SEARCHRESPONSE_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_SEARCHMODE']._serialized_start=1129
-  _globals['_SEARCHMODE']._serialized_end=1242
-  _globals['_AGGREGATION']._serialized_start=1244
-  _globals['_AGGREGATION']._serialized_end=1335
+  _globals['_SEARCHMODE']._serialized_start=1152
+  _globals['_SEARCHMODE']._serialized_end=1265
+  _globals['_AGGREGATION']._serialized_start=1267
+  _globals['_AGGREGATION']._serialized_end=1358
   _globals['_SEARCHREQUEST']._serialized_start=81
   _globals['_SEARCHREQUEST']._serialized_end=564
   _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_start=458
@@ -57,11 +57,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHHIT_PATHSCORESENTRY']._serialized_start=735
   _globals['_SEARCHHIT_PATHSCORESENTRY']._serialized_end=784
   _globals['_SEARCHRESPONSE']._serialized_start=787
-  _globals['_SEARCHRESPONSE']._serialized_end=1127
-  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=1031
-  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=1079
-  _globals['_SEARCHRESPONSE_WEIGHTSENTRY']._serialized_start=1081
-  _globals['_SEARCHRESPONSE_WEIGHTSENTRY']._serialized_end=1127
-  _globals['_RETRIEVALSERVICE']._serialized_start=1337
-  _globals['_RETRIEVALSERVICE']._serialized_end=1420
+  _globals['_SEARCHRESPONSE']._serialized_end=1150
+  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=1054
+  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=1102
+  _globals['_SEARCHRESPONSE_WEIGHTSENTRY']._serialized_start=1104
+  _globals['_SEARCHRESPONSE_WEIGHTSENTRY']._serialized_end=1150
+  _globals['_RETRIEVALSERVICE']._serialized_start=1360
+  _globals['_RETRIEVALSERVICE']._serialized_end=1443
 # @@protoc_insertion_point(module_scope)

@@ -96,7 +96,7 @@ class SearchHit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., path_scores: _Optional[_Mapping[str, float]] = ..., uri: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., url: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "timings_ms", "generated_images", "weights", "cache_hit")
+    __slots__ = ("hits", "model_version", "timings_ms", "generated_images", "weights", "cache_hit", "query_caption")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,10 +117,12 @@ class SearchResponse(_message.Message):
     GENERATED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CAPTION_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     model_version: str
     timings_ms: _containers.ScalarMap[str, float]
     generated_images: _containers.RepeatedScalarFieldContainer[bytes]
     weights: _containers.ScalarMap[str, float]
     cache_hit: bool
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., generated_images: _Optional[_Iterable[bytes]] = ..., weights: _Optional[_Mapping[str, float]] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+    query_caption: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., generated_images: _Optional[_Iterable[bytes]] = ..., weights: _Optional[_Mapping[str, float]] = ..., cache_hit: _Optional[bool] = ..., query_caption: _Optional[str] = ...) -> None: ...
