@@ -1,9 +1,10 @@
 """``make bench``: throughput and latency through the services against the in-process limit.
 
 - Ingestion: images/s of the whole job path (CreateIngestJob -> Celery job and chunk tasks ->
-  ImageEncoder and VisionEncoder deployments over gRPC -> Qdrant upsert through the index
-  owner), from the request to the job's end; against the same encoders run in-process on the
-  same files (read, decode, encode every stored vector; no services, no index).
+  ImageEncoder, VisionEncoder and CaptionDecoder deployments over gRPC -> Qdrant upsert through
+  the index owner), from the request to the job's end; against the same models run in-process
+  on the same files (read, decode, compute every stored vector and the caption; no services,
+  no index).
 - Fused query: latency cold (K images generated) and cached, and 1/4/16 concurrent queries.
 - Query: p50/p95 latency of a text Search over gRPC against the same query in-process (encode
   the text, search an embedded Qdrant holding the same vectors).
@@ -42,23 +43,33 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def in_process_ingest(files: list[Path], model: str, vision: str, batch: int = 64) -> float:
-    """Read, decode and compute every vector a job stores (``image``, and ``visual`` when a
-    vision encoder is configured) in this process: no services, no broker, no index."""
+def in_process_ingest(
+    files: list[Path], model: str, vision: str, captioner: str, batch: int = 64
+) -> float:
+    """Read, decode and compute everything a job stores per image (``image``; ``visual`` with
+    a vision encoder; the greedy caption and its ``caption`` text vector with a caption decoder)
+    in this process: no services, no broker, no index."""
     from imagine.imaging import decode_image
+    from imagine.models.captioner import load_captioner
     from imagine.models.dual_encoder import load_dual_encoder
     from imagine.models.vision import load_vision_encoder
 
-    encoders: list[Any] = [load_dual_encoder(model)]
+    dual = load_dual_encoder(model)
+    encoders: list[Any] = [dual]
     if vision:
         encoders.append(load_vision_encoder(vision))
-    for encoder in encoders:  # warm-up
-        encoder.encode_images([decode_image(files[0].read_bytes())])
-    start = time.perf_counter()
-    for i in range(0, len(files), batch):
-        images = [decode_image(p.read_bytes()) for p in files[i : i + batch]]
+    cap = load_captioner(captioner) if captioner else None
+
+    def run(images: list[Any]) -> None:
         for encoder in encoders:
             encoder.encode_images(images)
+        if cap is not None:
+            dual.encode_text([c.text or "." for c in cap.caption(images, "greedy")])
+
+    run([decode_image(files[0].read_bytes())])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(files), batch):
+        run([decode_image(p.read_bytes()) for p in files[i : i + batch]])
     return len(files) / (time.perf_counter() - start)
 
 
@@ -157,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=200)
     ns = p.parse_args(argv)
 
-    from imagine.config import DEFAULT_MODEL, DEFAULT_VISION
+    from imagine.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, DEFAULT_VISION
     from imagine.data import export_gallery
     from imagine.demo import start_services, stop_services
     from tests.conftest import free_port
 
     model = os.environ.get("IMAGINE_MODEL", DEFAULT_MODEL)
     vision = os.environ.get("IMAGINE_VISION_MODEL", DEFAULT_VISION)
+    captioner = os.environ.get("IMAGINE_CAPTION_MODEL", DEFAULT_CAPTIONER)
     work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
     gallery = work / "gallery"
     export_gallery(gallery, "test", ns.limit)
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {len(files)} images, model {model}, {os.cpu_count()} cores, data in {work}")
     rows: list[tuple[str, str, str]] = []
 
-    limit_ips = in_process_ingest(files, model, vision)
+    limit_ips = in_process_ingest(files, model, vision, captioner)
     local_ms = in_process_queries(files, model, ns.queries)
 
     from imagine.client import ImagineClient, state_name
@@ -202,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_services(proc)
 
-    vectors = "image + visual" if vision else "image"
+    vectors = " + ".join(
+        ["image", *(["visual"] if vision else []), *(["caption"] if captioner else [])]
+    )
     rows.insert(
         0, (f"ingest in-process limit (decode, {vectors})", f"{limit_ips:,.0f} img/s", "1.00")
     )
