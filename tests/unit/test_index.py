@@ -259,9 +259,11 @@ def test_multi_path_search_is_exact_over_the_union_of_small_candidate_pools(
         p: {pid: _cos(queries[p], v[name]) for pid, v in vectors.items()}
         for p, name in (("text", "image"), ("generated", "visual"))
     }
+    # the heaviest path brings max(candidates, 2 * limit) = 10, a lighter one in proportion
+    pools = {"text": 10, "generated": 7}  # ceil(10 * 0.4 / 0.6)
     union = set()
-    for scores in per_path.values():
-        union |= set(sorted(scores, key=scores.__getitem__, reverse=True)[:10])
+    for path, scores in per_path.items():
+        union |= set(sorted(scores, key=scores.__getitem__, reverse=True)[: pools[path]])
     fused = {pid: sum(w * per_path[p][pid] for p, w in weights.items()) for pid in union}
     assert [h.id for h in hits] == sorted(union, key=fused.__getitem__, reverse=True)[:5]
     for hit in hits:
