@@ -15,7 +15,6 @@ init, tests).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,18 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from imagine.decoding import check_decoding
 from imagine.models.registry import (
-    CONFIG_FILE,
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
     ModelLoadError,
     ModelSpec,
-    file_digest,
     get_model_config,
     locate_checkpoint,
+    save_checkpoint,
     select_device,
 )
 
@@ -269,17 +265,7 @@ def save_captioner(
     model: torch.nn.Module, config: dict[str, Any], path: str | Path, manifest: dict[str, Any]
 ) -> str:
     """Weights first (atomically replaced), then config (with the vocabulary), manifest last."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = root / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(root / WEIGHTS_FILE)
-    (root / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    version = f"{root.name}-{file_digest(root / WEIGHTS_FILE)}"
-    full = {**manifest, "model_version": version}
-    (root / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-    return version
+    return save_checkpoint(model, config, path, manifest)
 
 
 def captioner_config(name: str, vocab: Sequence[str] | None = None) -> dict[str, Any]:
