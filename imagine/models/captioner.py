@@ -33,8 +33,8 @@ from imagine.models.registry import (
     ModelSpec,
     get_model_config,
     locate_checkpoint,
-    save_checkpoint,
     select_device,
+    write_checkpoint,
 )
 
 FAMILY = "captioner"
@@ -265,7 +265,7 @@ def save_captioner(
     model: torch.nn.Module, config: dict[str, Any], path: str | Path, manifest: dict[str, Any]
 ) -> str:
     """Weights first (atomically replaced), then config (with the vocabulary), manifest last."""
-    return save_checkpoint(model, config, path, manifest)
+    return write_checkpoint(model.state_dict(), config, path, manifest)
 
 
 def captioner_config(name: str, vocab: Sequence[str] | None = None) -> dict[str, Any]:

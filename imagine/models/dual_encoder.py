@@ -14,7 +14,6 @@ round-trip it too.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from imagine.models.registry import (
-    CONFIG_FILE,
     DEFAULT_SCHEMES,
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
     ModelLoadError,
     ModelSpec,
     file_digest,
@@ -37,6 +33,7 @@ from imagine.models.registry import (
     resolve_hf_path,
     select_device,
     version_tag,
+    write_checkpoint,
 )
 
 FAMILY = "dual_encoder"
@@ -182,16 +179,7 @@ def save_checkpoint(
     model: torch.nn.Module, config: dict[str, Any], path: str | Path, manifest: dict[str, Any]
 ) -> str:
     """Write a checkpoint atomically enough for readers: weights first, manifest last."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (WEIGHTS_FILE + ".tmp")
-    save_file(trainable_state(model, config), str(tmp))
-    tmp.replace(root / WEIGHTS_FILE)
-    (root / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    version = f"{root.name}-{file_digest(root / WEIGHTS_FILE)}"
-    full = {**manifest, "model_version": version}
-    (root / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-    return version
+    return write_checkpoint(trainable_state(model, config), config, path, manifest)
 
 
 # -- open_clip (the pretrained profile) -------------------------------------------------------

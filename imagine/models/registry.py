@@ -170,8 +170,8 @@ def _tiny_bert_dir() -> str:
     return str(root)
 
 
-def save_checkpoint(
-    model: Any, config: dict[str, Any], path: str | Path, manifest: dict[str, Any]
+def write_checkpoint(
+    state: dict[str, Any], config: dict[str, Any], path: str | Path, manifest: dict[str, Any]
 ) -> str:
     """A checkpoint directory: weights first (atomically replaced), then ``config.json``, the
     manifest last (it names the version: the folder name and a digest of the weights)."""
@@ -179,9 +179,8 @@ def save_checkpoint(
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = root / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(root / WEIGHTS_FILE)
     (root / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     version = f"{root.name}-{file_digest(root / WEIGHTS_FILE)}"

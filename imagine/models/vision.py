@@ -37,8 +37,8 @@ from imagine.models.registry import (
     file_digest,
     get_model_config,
     locate_checkpoint,
-    save_checkpoint,
     select_device,
+    write_checkpoint,
 )
 
 FAMILY = "vision"
@@ -139,7 +139,7 @@ def save_vision_checkpoint(
     model: torch.nn.Module, config: dict[str, Any], path: str | Path, manifest: dict[str, Any]
 ) -> str:
     """Weights first (atomically replaced), then config, manifest last (it names the version)."""
-    return save_checkpoint(model, config, path, manifest)
+    return write_checkpoint(model.state_dict(), config, path, manifest)
 
 
 def _load_weights(model: torch.nn.Module, weights: Path, ignore_prefix: str = "\0") -> None:
