@@ -174,23 +174,25 @@ def _list_source(
     )
     chunk: list[Item] = []
     total = chunks = 0
+
+    def flush() -> None:
+        """Record the chunk (its ids too, in sync mode) in the job store, then queue it."""
+        if job.sync:
+            ctx.jobs.add_listed(job_id, [point_id(_uri(store, it[0])) for it in chunk])
+        ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
+        submit_chunk(chunks, chunk)
+
     for item in items:
         chunk.append(item)
         total += 1
         if len(chunk) >= job.chunk_size:
             if ctx.jobs.get(job_id).state is JobState.CANCELLED:
                 return
-            if job.sync:
-                ctx.jobs.add_listed(job_id, [point_id(_uri(store, it[0])) for it in chunk])
-            ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
-            submit_chunk(chunks, chunk)
+            flush()
             ctx.jobs.update_listed(job_id, total)
             chunks, chunk = chunks + 1, []
     if chunk:
-        if job.sync:
-            ctx.jobs.add_listed(job_id, [point_id(_uri(store, it[0])) for it in chunk])
-        ctx.jobs.add_chunk(job_id, chunks, [list(i) for i in chunk])
-        submit_chunk(chunks, chunk)
+        flush()
         chunks += 1
     if job.sync:
         _sweep(ctx, job)
