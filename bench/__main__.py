@@ -166,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=10_000, help="gallery size")
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument(
+        "--only",
+        choices=("ingest", "query"),
+        help="run one part: ingestion (limit and job path) or queries (text and fused)",
+    )
     ns = p.parse_args(argv)
+    do_ingest, do_query = ns.only != "query", ns.only != "ingest"
 
     from imagine.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, DEFAULT_VISION
     from imagine.data import export_gallery
@@ -189,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {len(files)} images, model {model}, {os.cpu_count()} cores, data in {work}")
     rows: list[tuple[str, str, str]] = []
 
-    limit_ips = in_process_ingest(files, model, vision, captioner)
-    local_ms = in_process_queries(files, model, ns.queries)
+    limit_ips = in_process_ingest(files, model, vision, captioner) if do_ingest else 0.0
+    local_ms = in_process_queries(files, model, ns.queries) if do_query else []
 
     from imagine.client import ImagineClient, state_name
 
@@ -202,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
                 job = c.wait_job(c.create_ingest_job(str(gallery), "bench").id)
                 ips = job.total / (time.perf_counter() - start)
                 assert state_name(job.state) == "SUCCEEDED", job
-                rows.append((label, f"{ips:,.0f} img/s", f"{ips / limit_ips:.2f} of limit"))
+                ratio = f"{ips / limit_ips:.2f} of limit" if do_ingest else ""
+                rows.append((label, f"{ips:,.0f} img/s", ratio))
+            grpc_ms: list[float] = []
+            fused_rows: list[tuple[str, str, str]] = []
+            if not do_query:
+                return _print(rows, limit_ips, vision, captioner, [], [])
             for q in QUERIES:  # warm-up
                 c.search(q, collection="bench", top_k=10, mode="text")
-            grpc_ms = []
             for r in range(ns.queries):
                 start = time.perf_counter()
                 c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10, mode="text")
@@ -213,18 +223,27 @@ def main(argv: list[str] | None = None) -> int:
             fused_rows = fused_benchmarks(c, grpc_ms) if server_fuses(c) else []
     finally:
         stop_services(proc)
+    return _print(rows, limit_ips, vision, captioner, fused_rows, [local_ms, grpc_ms])
 
+
+def _print(
+    rows: list[tuple[str, str, str]],
+    limit_ips: float,
+    vision: str,
+    captioner: str,
+    fused_rows: list[tuple[str, str, str]],
+    query_ms: list[list[float]],
+) -> int:
     vectors = " + ".join(
         ["image", *(["visual"] if vision else []), *(["caption"] if captioner else [])]
     )
-    rows.insert(
-        0, (f"ingest in-process limit (decode, {vectors})", f"{limit_ips:,.0f} img/s", "1.00")
-    )
+    if limit_ips:
+        rows.insert(
+            0, (f"ingest in-process limit (decode, {vectors})", f"{limit_ips:,.0f} img/s", "1.00")
+        )
     rows.extend(fused_rows)
-    for name, ms in (
-        ("query in-process (encode + search)", local_ms),
-        ("query over gRPC", grpc_ms),
-    ):
+    names = ("query in-process (encode + search)", "query over gRPC")
+    for name, ms in zip(names, query_ms, strict=False):
         rows.append(
             (
                 name,
