@@ -66,6 +66,25 @@ def test_encode_text_gives_normalised_deterministic_vectors(encoder: DualEncoder
     assert not np.allclose(vecs[0], vecs[1])
 
 
+def test_encode_text_with_repeats_and_short_texts_matches_full_length_encoding(
+    encoder: DualEncoder,
+) -> None:
+    """Repeated texts are encoded once and padding is cut: the vectors must not change."""
+    import torch
+
+    texts = ["bag", "a long description of a warm winter coat with a hood", "bag", "a dark coat"]
+    with torch.inference_mode():
+        full = encoder.model.encode_text(encoder.tokenize(texts), normalize=True).numpy()
+    assert (encoder.tokenize(texts)[0] == 0).any()  # "bag" is padded to the context length
+
+    vecs = encoder.encode_text(texts)
+
+    _assert_unit_float32(vecs, 4)
+    np.testing.assert_allclose(vecs, full, atol=1e-5)
+    np.testing.assert_array_equal(vecs[0], vecs[2])
+    np.testing.assert_allclose(encoder.encode_text(["bag"])[0], vecs[0], atol=1e-5)
+
+
 def test_encode_images_gives_normalised_deterministic_vectors(encoder: DualEncoder) -> None:
     vecs = encoder.encode_images(_images())
 
