@@ -65,6 +65,7 @@ PROFILES: dict[str, Profile] = {
             "generator_batch_size": 4,
             "generator_batch_wait_s": 0.05,
             "torch_threads": 1,
+            "generator_torch_threads": 1,
         },
         deployments={
             "TextEncoder": {
@@ -117,6 +118,7 @@ PROFILES: dict[str, Profile] = {
             "generator_batch_size": 16,
             "generator_batch_wait_s": 0.02,
             "torch_threads": 2,
+            "generator_torch_threads": 2,
         },
         deployments={
             # One short sentence per query: the text tower is cheap enough on CPU.

@@ -142,7 +142,7 @@ class ServiceSettings(_Common):
     # weights it) and for image queries (image -> text over text galleries, image -> image).
     caption_weight: float = Field(default=0.0, ge=0.0, le=1.0)
     image_query_caption_weight: float = Field(default=0.5, ge=0.0, le=1.0)
-    caption_batch_size: int = 32
+    caption_batch_size: int = 64
     caption_batch_wait_s: float = 0.01
     default_num_generated: int = 4
     default_steps: int = 20
@@ -170,10 +170,14 @@ class ServiceSettings(_Common):
     encoder_batch_size: int = 64
     encoder_batch_wait_s: float = 0.005
     encoder_replicas: int = 1
-    # Ray resources per replica (fractions share a core) and torch threads per encoder (0: all).
+    # Ray resources per replica (fractions share a core). Torch threads per replica of the
+    # encoders and the caption decoder: one each, so replicas working at once (ingestion sends
+    # every chunk to three of them) do not oversubscribe the cores; 0: all cores. The generator
+    # usually works alone (a query at a time or one batch): all cores by default.
     encoder_num_cpus: float = 0.25
     ingress_num_cpus: float = 0.25
-    torch_threads: int = 0
+    torch_threads: int = 1
+    generator_torch_threads: int = 0
     ray_address: str | None = Field(default=None, description="None: start a local Ray")
     num_cpus: int | None = None
     auth: AuthSettings = AuthSettings()

@@ -276,12 +276,12 @@ class Aggregator:
         return self.aggregator.aggregate(embeddings[None])[0]
 
 
-# (encoded image, strategy, beam_size, temperature, seed)
-CaptionCall = tuple[bytes, str, int, float, int]
+# (encoded images, strategy, beam_size, temperature, seed): one request captions many images
+CaptionCall = tuple[list[bytes], str, int, float, int]
 
 
 @serve.deployment(name="CaptionDecoder")
-class CaptionDecoder:
+class CaptionDecoder(_Batched):
     """Images -> captions with their log-probability. Concurrent requests with the same decoding
     settings share one decoding pass; an undecodable image gives its reason instead."""
 
@@ -298,32 +298,36 @@ class CaptionDecoder:
         _setup(torch_threads)
         self.captioner = load_captioner(model_spec)
         self.max_pixels = max_pixels
-        self.max_batch_size = max_batch_size
-        self.caption.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self.caption.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+        self._limits(max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.captioner.model_version}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def caption(self, calls: list[CaptionCall]) -> list[tuple[str, float] | str]:
-        out: list[tuple[str, float] | str] = ["" for _ in calls]
-        groups: dict[tuple[str, int, float, int], list[tuple[int, Image.Image]]] = {}
-        for i, (blob, strategy, beam, temperature, seed) in enumerate(calls):
-            try:
-                img = decode_image(blob, self.max_pixels)
-            except BadImage as exc:
-                out[i] = str(exc)
-                continue
-            groups.setdefault((strategy, beam, temperature, seed), []).append((i, img))
+    async def encode(self, calls: list[CaptionCall]) -> list[list[tuple[str, float] | str]]:
+        """``max_batch_size`` bounds both the requests batched and the images per pass."""
+        self.stats.count(len(calls))
+        out: list[list[tuple[str, float] | str]] = [[""] * len(c[0]) for c in calls]
+        groups: dict[tuple[str, int, float, int], list[tuple[int, int, Image.Image]]] = {}
+        for i, (blobs, strategy, beam, temperature, seed) in enumerate(calls):
+            for j, blob in enumerate(blobs):
+                try:
+                    img = decode_image(blob, self.max_pixels)
+                except BadImage as exc:
+                    out[i][j] = str(exc)
+                    continue
+                groups.setdefault((strategy, beam, temperature, seed), []).append((i, j, img))
         for (strategy, beam, temperature, seed), items in groups.items():
             # a sampled caption depends only on its image and seed: one image per pass
             size = 1 if strategy == "sample" else self.max_batch_size
             for start in range(0, len(items), size):
                 part = items[start : start + size]
                 caps = self.captioner.caption(
-                    [img for _, img in part], strategy, beam, temperature, seed
+                    [img for _, _, img in part], strategy, beam, temperature, seed
                 )
-                for (i, _), cap in zip(part, caps, strict=True):
-                    out[i] = (cap.text, cap.log_prob)
+                for (i, j, _), cap in zip(part, caps, strict=True):
+                    out[i][j] = (cap.text, cap.log_prob)
+        log.info(
+            "CaptionDecoder: %d images in a batch of %d requests", sum(map(len, out)), len(calls)
+        )
         return out

@@ -95,11 +95,8 @@ class HandleCaptions:
     async def caption(
         self, images: list[bytes], strategy: str, beam_size: int, temperature: float, seed: int
     ) -> list[tuple[str, float] | str]:
-        calls = [
-            self._handle.caption.remote((img, strategy, beam_size, temperature, seed))
-            for img in images
-        ]
-        return list(await asyncio.gather(*calls))
+        call = (images, strategy, beam_size, temperature, seed)
+        return list(await self._handle.encode.remote(call))
 
 
 class CeleryQueue:
@@ -326,6 +323,7 @@ class Ingress:
             handles = {"TextEncoder": text, "ImageEncoder": image}
             handles |= {"VisionEncoder": vision} if vision is not None else {}
             handles |= {"Generator": generator} if generator is not None else {}
+            handles |= {"CaptionDecoder": captioner} if captioner is not None else {}
             self.metrics = asyncio.get_running_loop().create_task(
                 poll_metrics_forever(handles, jobs)
             )
