@@ -435,9 +435,10 @@ class QdrantIndex:
         weight (never fewer than ``limit``): a path weighted 0.1 moves a fused score by 0.1 at
         most. The union of the candidates is ranked by the exact fused formula. A candidate
         found by only some paths is bounded above by the lowest score each other path
-        returned; the vectors of the candidates that may still reach the top are fetched and
-        scored exactly until the top ``limit`` all carry exact scores on every path (usually
-        one fetch). Payloads are fetched for the hits only.
+        returned, and below by -1 (unit vectors). The candidates whose upper bound reaches the
+        ``limit``-th best lower bound are the only ones that may reach the top: their missing
+        vectors are fetched in one request and scored exactly. Payloads are fetched for the
+        hits only.
         """
         from qdrant_client import models
 
@@ -493,13 +494,20 @@ class QdrantIndex:
             known = scores[pid]
             return sum(weights[p] * known.get(p, floor[p] or 0.0) for p in paths)
 
+        def lower(pid: str) -> float:  # similarities of unit vectors are >= -1
+            known = scores[pid]
+            return sum(weights[p] * known.get(p, -1.0) for p in paths)
+
         while True:
             ranked = sorted(scores, key=bound, reverse=True)
             top = ranked[:limit]
             if all(len(scores[pid]) == len(paths) for pid in top):
                 break
-            # Fetch ahead: candidates just below the top usually need their scores next round.
-            todo = [pid for pid in ranked[: 4 * limit] if len(scores[pid]) < len(paths)]
+            # No candidate whose upper bound is below the limit-th best lower bound can reach
+            # the top: fetch all the others at once, and the next round ranks exact scores.
+            lows = sorted((lower(pid) for pid in scores), reverse=True)
+            cut = lows[limit - 1] if len(lows) >= limit else -math.inf
+            todo = [pid for pid in ranked if len(scores[pid]) < len(paths) and bound(pid) >= cut]
             need = sorted({vector_of[p] for pid in todo for p in paths if p not in scores[pid]})
             with self._lock:
                 records = self._client.retrieve(
