@@ -490,13 +490,13 @@ class QdrantIndex:
                 if path not in known and floor[path] is None:
                     known[path] = 0.0
 
-        def bound(pid: str) -> float:
-            known = scores[pid]
-            return sum(weights[p] * known.get(p, floor[p] or 0.0) for p in paths)
+        highest = {p: floor[p] or 0.0 for p in paths}
+        lowest = dict.fromkeys(paths, -1.0)  # similarities of unit vectors are >= -1
 
-        def lower(pid: str) -> float:  # similarities of unit vectors are >= -1
+        def bound(pid: str, missing: Mapping[str, float] = highest) -> float:
+            """The fused score, a missing path's similarity taken as ``missing``."""
             known = scores[pid]
-            return sum(weights[p] * known.get(p, -1.0) for p in paths)
+            return sum(weights[p] * known.get(p, missing[p]) for p in paths)
 
         while True:
             ranked = sorted(scores, key=bound, reverse=True)
@@ -505,7 +505,7 @@ class QdrantIndex:
                 break
             # No candidate whose upper bound is below the limit-th best lower bound can reach
             # the top: fetch all the others at once, and the next round ranks exact scores.
-            lows = sorted((lower(pid) for pid in scores), reverse=True)
+            lows = sorted((bound(pid, lowest) for pid in scores), reverse=True)
             cut = lows[limit - 1] if len(lows) >= limit else -math.inf
             todo = [pid for pid in ranked if len(scores[pid]) < len(paths) and bound(pid) >= cut]
             need = sorted({vector_of[p] for pid in todo for p in paths if p not in scores[pid]})
