@@ -194,9 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"bench: {len(files)} images, model {model}, {os.cpu_count()} cores, data in {work}")
     rows: list[tuple[str, str, str]] = []
-
-    limit_ips = in_process_ingest(files, model, vision, captioner) if do_ingest else 0.0
-    local_ms = in_process_queries(files, model, ns.queries) if do_query else []
+    limit_ips = local_ms = None
+    if do_ingest:
+        limit_ips = in_process_ingest(files, model, vision, captioner)
+        vectors = " + ".join(
+            ["image", *(["visual"] if vision else []), *(["caption"] if captioner else [])]
+        )
+        rows.append(
+            (f"ingest in-process limit (decode, {vectors})", f"{limit_ips:,.0f} img/s", "1.00")
+        )
+    if do_query:
+        local_ms = in_process_queries(files, model, ns.queries)
 
     from imagine.client import ImagineClient, state_name
 
@@ -208,49 +216,31 @@ def main(argv: list[str] | None = None) -> int:
                 job = c.wait_job(c.create_ingest_job(str(gallery), "bench").id)
                 ips = job.total / (time.perf_counter() - start)
                 assert state_name(job.state) == "SUCCEEDED", job
-                ratio = f"{ips / limit_ips:.2f} of limit" if do_ingest else ""
+                ratio = f"{ips / limit_ips:.2f} of limit" if limit_ips else ""
                 rows.append((label, f"{ips:,.0f} img/s", ratio))
-            grpc_ms: list[float] = []
-            fused_rows: list[tuple[str, str, str]] = []
-            if not do_query:
-                return _print(rows, limit_ips, vision, captioner, [], [])
-            for q in QUERIES:  # warm-up
-                c.search(q, collection="bench", top_k=10, mode="text")
-            for r in range(ns.queries):
-                start = time.perf_counter()
-                c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10, mode="text")
-                grpc_ms.append((time.perf_counter() - start) * 1e3)
-            fused_rows = fused_benchmarks(c, grpc_ms) if server_fuses(c) else []
+            if local_ms is not None:
+                for q in QUERIES:  # warm-up
+                    c.search(q, collection="bench", top_k=10, mode="text")
+                grpc_ms = []
+                for r in range(ns.queries):
+                    start = time.perf_counter()
+                    c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10, mode="text")
+                    grpc_ms.append((time.perf_counter() - start) * 1e3)
+                rows.extend(fused_benchmarks(c, grpc_ms) if server_fuses(c) else [])
+                for name, ms in (
+                    ("query in-process (encode + search)", local_ms),
+                    ("query over gRPC", grpc_ms),
+                ):
+                    rows.append(
+                        (
+                            name,
+                            f"p50 {percentile(ms, 50):.1f} ms",
+                            f"p95 {percentile(ms, 95):.1f} ms, mean {statistics.fmean(ms):.1f} ms",
+                        )
+                    )
     finally:
         stop_services(proc)
-    return _print(rows, limit_ips, vision, captioner, fused_rows, [local_ms, grpc_ms])
 
-
-def _print(
-    rows: list[tuple[str, str, str]],
-    limit_ips: float,
-    vision: str,
-    captioner: str,
-    fused_rows: list[tuple[str, str, str]],
-    query_ms: list[list[float]],
-) -> int:
-    vectors = " + ".join(
-        ["image", *(["visual"] if vision else []), *(["caption"] if captioner else [])]
-    )
-    if limit_ips:
-        rows.insert(
-            0, (f"ingest in-process limit (decode, {vectors})", f"{limit_ips:,.0f} img/s", "1.00")
-        )
-    rows.extend(fused_rows)
-    names = ("query in-process (encode + search)", "query over gRPC")
-    for name, ms in zip(names, query_ms, strict=False):
-        rows.append(
-            (
-                name,
-                f"p50 {percentile(ms, 50):.1f} ms",
-                f"p95 {percentile(ms, 95):.1f} ms, mean {statistics.fmean(ms):.1f} ms",
-            )
-        )
     width = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{width}}  {'value':>16}  note")
     print("-" * (width + 50))
