@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imagine.fusion import fuse
+from imagine.fusion import PATH_VECTORS, fuse
 
 _NAMESPACE = uuid.UUID("6f1f2d7e-5b7a-4c59-9d1e-2a3b4c5d6e7f")
 INDEXED_FIELDS = ("label", "etag", "job_id", "source")
@@ -110,6 +110,37 @@ class Hit:
 
 
 @dataclass
+class Pool:
+    """One path's candidates: their scores on that path, and for each the vectors the other
+    paths compare against (:meth:`QdrantIndex.candidates`)."""
+
+    path: str
+    scores: dict[str, float]
+    vectors: dict[str, dict[str, np.ndarray]]
+
+
+@dataclass
+class _PoolPlan:
+    path: str
+    vector: str  # the named vector this path searches
+    query: np.ndarray  # unit length
+    size: int
+    others: list[str]  # the named vectors the other paths compare against
+
+    def read(self, points: Sequence[Any]) -> Pool:
+        scores: dict[str, float] = {}
+        vectors: dict[str, dict[str, np.ndarray]] = {}
+        for pt in points:
+            pid = str(pt.id)
+            scores[pid] = float(pt.score)
+            got = pt.vector if isinstance(pt.vector, dict) else {}
+            vectors[pid] = {
+                k: np.asarray(v, dtype=np.float32) for k, v in got.items() if v is not None
+            }
+        return Pool(self.path, scores, vectors)
+
+
+@dataclass
 class CollectionInfo:
     name: str
     model_version: str
@@ -161,11 +192,37 @@ class VectorIndex(PointStore, Protocol):
         weights: Mapping[str, float],
         limit: int,
         filters: Mapping[str, str] | None = None,
-        candidates: int = 100,
+        candidates: int = 50,
         using: Mapping[str, str] | None = None,
     ) -> list[Hit]:
         """Fused search: ``queries`` maps a path to its query vector; each path searches the
         named vector ``PATH_VECTORS`` gives it, or ``using`` (e.g. a text gallery's ``text``)."""
+        ...
+
+    def candidates(
+        self,
+        name: str,
+        path: str,
+        query: np.ndarray,
+        weights: Mapping[str, float],
+        limit: int,
+        filters: Mapping[str, str] | None = None,
+        candidates: int = 50,
+        using: Mapping[str, str] | None = None,
+    ) -> Pool:
+        """One path's part of :meth:`search`, for a caller that has that path's query first."""
+        ...
+
+    def rank(
+        self,
+        name: str,
+        pools: Mapping[str, Pool],
+        queries: Mapping[str, np.ndarray],
+        weights: Mapping[str, float],
+        limit: int,
+        using: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        """The rest of :meth:`search`: the fused top ``limit`` of the pools' union."""
         ...
 
 
@@ -428,121 +485,123 @@ class QdrantIndex:
         candidates: int = 50,
         using: Mapping[str, str] | None = None,
     ) -> list[Hit]:
-        """The top ``limit`` points by the fused score of the weighted paths.
-
-        Each path searches its own vector (one batched request). The heaviest path brings
-        ``max(candidates, 2 * limit)`` candidates, a lighter one fewer in proportion to its
-        weight (never fewer than ``limit``): a path weighted 0.1 moves a fused score by 0.1 at
-        most. The union of the candidates is ranked by the exact fused formula. A candidate
-        found by only some paths is bounded above by the lowest score each other path
-        returned, and below by -1 (unit vectors). The candidates whose upper bound reaches the
-        ``limit``-th best lower bound are the only ones that may reach the top: their missing
-        vectors are fetched in one request and scored exactly. Payloads are fetched for the
-        hits only.
-        """
-        from qdrant_client import models
-
-        from imagine.fusion import PATH_VECTORS
-
-        vector_of = {**PATH_VECTORS, **(using or {})}
-        flt = _filter(filters)
+        """The top ``limit`` points by the fused score of the weighted paths: every path's
+        candidates in one batched request (:meth:`candidates`), ranked by :meth:`rank`."""
         paths = [p for p in weights if weights[p] > 0]
-        unit = {p: _unit(np.asarray(queries[p], dtype=np.float32)) for p in paths}
-        single = len(paths) == 1
-        heaviest = max((weights[p] for p in paths), default=1.0)
-        most = max(candidates, 2 * limit)
-        pools = {
-            p: limit if single else max(limit, math.ceil(most * weights[p] / heaviest))
-            for p in paths
-        }
+        if len(paths) != 1:
+            plan = [
+                self._pool_plan(p, weights, limit, candidates, using, queries[p]) for p in paths
+            ]
+            with self._lock:
+                name = self._require(name)
+                responses = self._client.query_batch_points(
+                    name, requests=[_pool_request(plan_, _filter(filters)) for plan_ in plan]
+                )
+            pools = {p.path: p.read(r.points) for p, r in zip(plan, responses, strict=True)}
+            return self.rank(name, pools, queries, weights, limit, using)
+        (path,) = paths
+        vector = {**PATH_VECTORS, **(using or {})}[path]
         with self._lock:
             name = self._require(name)
-            responses = self._client.query_batch_points(
+            res = self._client.query_points(
                 name,
-                requests=[
-                    models.QueryRequest(
-                        query=unit[p].tolist(),
-                        using=vector_of[p],
-                        filter=flt,
-                        limit=pools[p],
-                        with_payload=single,
-                    )
-                    for p in paths
-                ],
+                query=_unit(np.asarray(queries[path], dtype=np.float32)).tolist(),
+                using=vector,
+                query_filter=_filter(filters),
+                limit=limit,
+                with_payload=True,
             )
-        if single:
-            path = paths[0]
-            return [
-                Hit(str(p.id), float(p.score), {path: float(p.score)}, p.payload or {})
-                for p in responses[0].points
-            ]
-        scores: dict[str, dict[str, float]] = {}
-        floor: dict[str, float | None] = {}
-        for path, res in zip(paths, responses, strict=True):
-            for pt in res.points:
-                scores.setdefault(str(pt.id), {})[path] = float(pt.score)
-            # A list shorter than asked holds every match: a candidate missing from it has
-            # no vector of that path (0 similarity). Otherwise its score is <= the lowest.
-            short = len(res.points) < pools[path]
-            floor[path] = None if short else min((float(p.score) for p in res.points), default=0)
-        for known in scores.values():
-            for path in paths:
-                if path not in known and floor[path] is None:
-                    known[path] = 0.0
+        return [
+            Hit(str(p.id), float(p.score), {path: float(p.score)}, p.payload or {})
+            for p in res.points
+        ]
 
-        highest = {p: floor[p] or 0.0 for p in paths}
-        lowest = dict.fromkeys(paths, -1.0)  # similarities of unit vectors are >= -1
-
-        def bound(pid: str, missing: Mapping[str, float] = highest) -> float:
-            """The fused score, a missing path's similarity taken as ``missing``."""
-            known = scores[pid]
-            return sum(weights[p] * known.get(p, missing[p]) for p in paths)
-
-        while True:
-            ranked = sorted(scores, key=bound, reverse=True)
-            top = ranked[:limit]
-            if all(len(scores[pid]) == len(paths) for pid in top):
-                break
-            # No candidate whose upper bound is below the limit-th best lower bound can reach
-            # the top: fetch all the others at once, and the next round ranks exact scores.
-            lows = sorted((bound(pid, lowest) for pid in scores), reverse=True)
-            cut = lows[limit - 1] if len(lows) >= limit else -math.inf
-            todo = [pid for pid in ranked if len(scores[pid]) < len(paths) and bound(pid) >= cut]
-            need = sorted({vector_of[p] for pid in todo for p in paths if p not in scores[pid]})
-            with self._lock:
-                records = self._client.retrieve(
-                    name, ids=todo, with_payload=False, with_vectors=need
-                )
-            vectors = {str(r.id): r.vector or {} for r in records}
-            for pid in todo:
-                got = vectors.get(pid, {})
-                for p in paths:
-                    if p not in scores[pid]:
-                        vec = got.get(vector_of[p]) if isinstance(got, dict) else None
-                        scores[pid][p] = (
-                            float(_unit(np.asarray(vec, dtype=np.float32)) @ unit[p])
-                            if vec is not None
-                            else 0.0
-                        )
-        if not top:
-            return []
-        per_path = {p: np.asarray([scores[pid][p] for pid in top], dtype=np.float32) for p in paths}
-        fused = fuse(per_path, {p: weights[p] for p in paths})
-        order = np.argsort(-fused, kind="stable")
+    def candidates(
+        self,
+        name: str,
+        path: str,
+        query: np.ndarray,
+        weights: Mapping[str, float],
+        limit: int,
+        filters: Mapping[str, str] | None = None,
+        candidates: int = 50,
+        using: Mapping[str, str] | None = None,
+    ) -> Pool:
+        """One path's candidates for a fused top ``limit``, each with the vectors the other
+        weighted paths compare against, so :meth:`rank` scores every candidate exactly without
+        another request. The heaviest path brings ``max(candidates, 2 * limit)``, a lighter one
+        fewer in proportion to its weight (never fewer than ``limit``): a path weighted 0.1
+        moves a fused score by 0.1 at most. A caller may fetch each path's pool as soon as its
+        query vector is known (a cached generated query at once, while the text is encoded)."""
+        plan = self._pool_plan(path, weights, limit, candidates, using, query)
         with self._lock:
-            records = self._client.retrieve(
-                name, ids=[top[i] for i in order], with_payload=True, with_vectors=False
+            name = self._require(name)
+            (res,) = self._client.query_batch_points(
+                name, requests=[_pool_request(plan, _filter(filters))]
             )
+        return plan.read(res.points)
+
+    def rank(
+        self,
+        name: str,
+        pools: Mapping[str, Pool],
+        queries: Mapping[str, np.ndarray],
+        weights: Mapping[str, float],
+        limit: int,
+        using: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        """The union of the paths' candidates ranked by the exact fused score; payloads are
+        fetched for the hits only. A candidate's score on a path that did not return it comes
+        from the vector its pool carries; a point without that vector scores 0 there."""
+        vector_of = {**PATH_VECTORS, **(using or {})}
+        paths = [p for p in weights if weights[p] > 0]
+        ids = list(dict.fromkeys(pid for p in paths for pid in pools[p].scores))
+        if not ids:
+            return []
+        per_path: dict[str, np.ndarray] = {}
+        for p in paths:
+            query = _unit(np.asarray(queries[p], dtype=np.float32))
+            own = pools[p].scores
+            column = np.zeros(len(ids), dtype=np.float32)
+            for i, pid in enumerate(ids):
+                if pid in own:
+                    column[i] = own[pid]
+                elif (vec := _carried(pools, pid, vector_of[p])) is not None:
+                    column[i] = float(_unit(vec) @ query)
+            per_path[p] = column
+        fused = fuse(per_path, {p: weights[p] for p in paths})
+        order = np.argsort(-fused, kind="stable")[:limit]
+        top = [ids[i] for i in order]
+        with self._lock:
+            name = self._require(name)
+            records = self._client.retrieve(name, ids=top, with_payload=True, with_vectors=False)
         payloads = {str(r.id): r.payload or {} for r in records}
         return [
             Hit(
-                top[i],
+                ids[i],
                 float(fused[i]),
                 {p: float(per_path[p][i]) for p in paths},
-                payloads.get(top[i], {}),
+                payloads.get(ids[i], {}),
             )
             for i in order
         ]
+
+    @staticmethod
+    def _pool_plan(
+        path: str,
+        weights: Mapping[str, float],
+        limit: int,
+        candidates: int,
+        using: Mapping[str, str] | None,
+        query: np.ndarray,
+    ) -> _PoolPlan:
+        vector_of = {**PATH_VECTORS, **(using or {})}
+        paths = [p for p in weights if weights[p] > 0]
+        heaviest = max(weights[p] for p in paths)
+        size = max(limit, math.ceil(max(candidates, 2 * limit) * weights[path] / heaviest))
+        others = sorted({vector_of[q] for q in paths if q != path})
+        unit = _unit(np.asarray(query, dtype=np.float32))
+        return _PoolPlan(path, vector_of[path], unit, size, others)
 
     def _is_collection(self, name: str) -> bool:
         """A collection of that very name (local mode's ``collection_exists`` also says yes
@@ -562,6 +621,28 @@ class QdrantIndex:
 def _unit(vector: np.ndarray) -> np.ndarray:
     """The vector scaled to length 1 (a zero vector stays zero)."""
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def _carried(pools: Mapping[str, Pool], pid: str, vector: str) -> np.ndarray | None:
+    """The named vector of a candidate, as any path's pool carried it (None: the point has none)."""
+    for pool in pools.values():
+        vec = pool.vectors.get(pid, {}).get(vector)
+        if vec is not None:
+            return vec
+    return None
+
+
+def _pool_request(plan: _PoolPlan, flt: Any) -> Any:
+    from qdrant_client import models
+
+    return models.QueryRequest(
+        query=plan.query.tolist(),
+        using=plan.vector,
+        filter=flt,
+        limit=plan.size,
+        with_payload=False,
+        with_vector=plan.others or False,
+    )
 
 
 def _filter(filters: Mapping[str, str] | None) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from PIL import Image
 from imagine.cache import LRUCache
 from imagine.config import LimitSettings
 from imagine.fusion import PATH_VECTORS, resolve_weights
-from imagine.index import CollectionInfo, ModelVersionMismatch, VectorIndex
+from imagine.index import CollectionInfo, ModelVersionMismatch, Pool, VectorIndex
 from imagine.observability import QUERY_CACHE, STAGE_SECONDS
 from protos.gen.imagine.v1 import retrieval_service_pb2 as ret_pb
 
@@ -168,7 +169,6 @@ class QueryEngine:
             raise over_limit("top_k", req.top_k, "max_top_k", self.limits)
         top_k = req.top_k or 10
         kind = req.WhichOneof("query")
-        queries: dict[str, np.ndarray] = {}
         generated_pngs: list[bytes] = []
         cache_hit = False
         query_caption = ""
@@ -191,22 +191,35 @@ class QueryEngine:
             )
             want_text = mode in ("text", "fused") or "text" in req.path_weights or want_caption
             want_gen = mode in ("generated", "fused") or "generated" in req.path_weights
-            jobs: list[Any] = []
-            if want_text:
-                jobs.append(self._encode_text(text, t))
-            if want_gen:
-                jobs.append(self._generated_query(text, req, t))
-            results = await asyncio.gather(*jobs)
-            if want_text:
-                queries["text"] = results[0]
-            if want_gen:
-                queries["generated"], generated_pngs, cache_hit = results[-1]
-            if want_caption:
-                queries["caption"] = queries["text"]  # the query against the images' captions
+            sampling = self._sampling(req) if want_gen else None
             defaults = self._default_weights(mode)
             if want_caption and self.defaults.caption_weight > 0:
                 w = self.defaults.caption_weight
                 defaults = {p: (1 - w) * v for p, v in defaults.items()} | {"caption": w}
+            wanted = (("text", want_text), ("generated", want_gen), ("caption", want_caption))
+            available = {p for p, on in wanted if on}
+            weights = _weights(available, defaults, req.path_weights)
+            if "generated" in weights and "visual" not in info.vectors:
+                raise ModelVersionMismatch(
+                    f"collection {info.name!r} has no visual vectors: "
+                    "re-ingest it with a vision encoder"
+                )
+            # Each path's vector comes as its own task, so that its candidates can be fetched
+            # as soon as it is known (the caption path is the text's vector against captions).
+            sources: dict[str, Awaitable[np.ndarray]] = {}
+            if weights.keys() & {"text", "caption"}:
+                encoded = asyncio.ensure_future(self._encode_text(text, t))
+                sources |= {p: encoded for p in ("text", "caption") if p in weights}
+            generated = None
+            if "generated" in weights:
+                assert sampling is not None
+                generated = asyncio.ensure_future(
+                    self._generated_query(text, sampling, int(req.seed), t)
+                )
+                sources["generated"] = _first(generated)
+            hits = await self._ranked(req, sources, weights, top_k, None, t)
+            if generated is not None:
+                _, generated_pngs, cache_hit = generated.result()
         else:
             gallery_of_texts = text_gallery(info)
             if gallery_of_texts:
@@ -221,7 +234,7 @@ class QueryEngine:
                 and "visual" in info.vectors
                 and req.path_weights.get("visual", 0) > 0
             )
-            jobs = [self.encoders.images([req.image])]
+            jobs: list[Any] = [self.encoders.images([req.image])]
             if want_visual:
                 jobs.append(self.encoders.visual([req.image]))
             if want_caption:
@@ -230,7 +243,7 @@ class QueryEngine:
             (res,) = results[0]
             if isinstance(res, str):
                 raise BadRequest(f"query image: {res}")
-            queries["image"] = res
+            queries = {"image": res}
             if want_visual:
                 (vis,) = results[1]
                 if isinstance(vis, str):
@@ -242,29 +255,10 @@ class QueryEngine:
                 w = self.defaults.image_query_caption_weight
                 defaults = {"image": 1.0 - w, "caption": w}
             t["encode_image"] = (time.perf_counter() - start) * 1e3
-        # a path switched off (weight 0) that was therefore not computed is simply left out
-        overrides = {
-            p: w
-            for p, w in req.path_weights.items()
-            if not (w == 0 and p in PATH_VECTORS and p not in queries)
-        }
-        weights = resolve_weights(set(queries), defaults, overrides)
-        t0 = time.perf_counter()
-        if "generated" in weights and "visual" not in info.vectors:
-            raise ModelVersionMismatch(
-                f"collection {info.name!r} has no visual vectors: "
-                "re-ingest it with a vision encoder"
+            weights = _weights(set(queries), defaults, req.path_weights)
+            hits = await self._ranked(
+                req, {p: _ready(queries[p]) for p in weights}, weights, top_k, using or None, t
             )
-        hits = await asyncio.to_thread(
-            self.index.search,
-            req.collection,
-            queries,
-            weights,
-            top_k,
-            dict(req.filter),
-            using=using or None,
-        )
-        t["search"] = (time.perf_counter() - t0) * 1e3
         t["total"] = (time.perf_counter() - start) * 1e3
         for stage, ms in t.items():
             if stage != "total":
@@ -319,10 +313,61 @@ class QueryEngine:
         t["encode_text"] = (time.perf_counter() - start) * 1e3
         return vec
 
-    async def _generated_query(
-        self, text: str, req: Any, t: dict[str, float]
-    ) -> tuple[np.ndarray, list[bytes], bool]:
-        assert self.generative is not None
+    async def _ranked(
+        self,
+        req: Any,
+        sources: dict[str, Awaitable[np.ndarray]],
+        weights: dict[str, float],
+        top_k: int,
+        using: dict[str, str] | None,
+        t: dict[str, float],
+    ) -> list[Any]:
+        """The fused top ``top_k``. Each path's candidates are fetched as soon as its query
+        vector is known (a cached generated query's at once, while the text is still being
+        encoded); the union is ranked once every path is in. ``search`` in the timings is the
+        index's work after the last query vector arrived."""
+        filters = dict(req.filter)
+        if len(weights) == 1:
+            ((path, source),) = sources.items()
+            vector = await source
+            t0 = time.perf_counter()
+            hits: list[Any] = await asyncio.to_thread(
+                self.index.search,
+                req.collection,
+                {path: vector},
+                weights,
+                top_k,
+                filters,
+                using=using,
+            )
+            t["search"] = (time.perf_counter() - t0) * 1e3
+            return hits
+        queries: dict[str, np.ndarray] = {}
+        arrived: list[float] = []
+
+        async def pool(path: str) -> Pool:
+            queries[path] = await sources[path]
+            arrived.append(time.perf_counter())
+            return await asyncio.to_thread(
+                self.index.candidates,
+                req.collection,
+                path,
+                queries[path],
+                weights,
+                top_k,
+                filters,
+                using=using,
+            )
+
+        pools = dict(zip(weights, await asyncio.gather(*map(pool, weights)), strict=True))
+        hits = await asyncio.to_thread(
+            self.index.rank, req.collection, pools, queries, weights, top_k, using
+        )
+        t["search"] = (time.perf_counter() - max(arrived)) * 1e3
+        return hits
+
+    def _sampling(self, req: Any) -> tuple[int, int, float, str]:
+        """K, steps, guidance and aggregation of a request that generates, checked."""
         k = req.num_generated or self.defaults.num_generated
         steps = req.steps or self.defaults.steps
         guidance = req.guidance or self.defaults.guidance
@@ -331,7 +376,13 @@ class QueryEngine:
             raise BadRequest(f"guidance {guidance} is outside (0, {MAX_GUIDANCE}]")
         if req.aggregation not in _AGGREGATION:
             raise BadRequest(f"unknown aggregation {req.aggregation}")
-        aggregation = _AGGREGATION[req.aggregation]
+        return k, steps, float(guidance), _AGGREGATION[req.aggregation]
+
+    async def _generated_query(
+        self, text: str, sampling: tuple[int, int, float, str], seed: int, t: dict[str, float]
+    ) -> tuple[np.ndarray, list[bytes], bool]:
+        assert self.generative is not None
+        k, steps, guidance, aggregation = sampling
         info = self.generative.info
         key = (
             normalise_query(text),
@@ -340,15 +391,15 @@ class QueryEngine:
             aggregation,
             k,
             steps,
-            round(float(guidance), 4),
-            int(req.seed),
+            round(guidance, 4),
+            seed,
         )
         cached = self.cache.get(key)
         QUERY_CACHE.labels("hit" if cached is not None else "miss").inc()
         if cached is not None:
             return cached[0], cached[1], True
         start = time.perf_counter()
-        images = await self.generative.generate(text, k, steps, float(guidance), int(req.seed))
+        images = await self.generative.generate(text, k, steps, guidance, seed)
         t1 = time.perf_counter()
         vis = await self.encoders.visual(list(images))
         t2 = time.perf_counter()
@@ -364,6 +415,27 @@ class QueryEngine:
         pngs = [png_bytes(img) for img in images]
         self.cache.put(key, (agg, pngs))
         return agg, pngs, False
+
+
+def _weights(
+    available: set[str], defaults: dict[str, float], requested: Mapping[str, float]
+) -> dict[str, float]:
+    """The normalised path weights; a path a request switches off (weight 0) that this query
+    does not compute anyway is simply left out."""
+    overrides = {
+        p: w
+        for p, w in requested.items()
+        if not (w == 0 and p in PATH_VECTORS and p not in available)
+    }
+    return resolve_weights(available, defaults, overrides)
+
+
+async def _first(generated: Awaitable[tuple[np.ndarray, list[bytes], bool]]) -> np.ndarray:
+    return (await generated)[0]
+
+
+async def _ready(vector: np.ndarray) -> np.ndarray:
+    return vector
 
 
 def check_sampling(k: int, steps: int, k_name: str, limits: LimitSettings) -> None:

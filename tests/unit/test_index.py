@@ -271,6 +271,33 @@ def test_multi_path_search_is_exact_over_the_union_of_small_candidate_pools(
         assert hit.payload["uri"].startswith("s3://b/")
 
 
+def test_pools_fetched_one_path_at_a_time_rank_as_one_search(index: QdrantIndex) -> None:
+    """What the query service does when one path's vector is known first (a cached generated
+    query while the text is encoded): each path's candidates on their own, then one ranking;
+    the hits equal a search of both paths at once, and each pool carries the other path's
+    vectors so a candidate only one path found is still scored exactly on both."""
+    vectors = _fill_two_paths(index)
+    rng = np.random.default_rng(5)
+    queries = {"text": rng.normal(size=8), "generated": rng.normal(size=6)}
+    weights = {"text": 0.7, "generated": 0.3}
+
+    pools = {
+        p: index.candidates("g", p, queries[p], weights, limit=3, candidates=8) for p in weights
+    }
+    hits = index.rank("g", pools, queries, weights, limit=3)
+
+    assert len(pools["text"].scores) == 8 and len(pools["generated"].scores) == 4  # by weight
+    for pid in pools["text"].scores:
+        assert set(pools["text"].vectors[pid]) == {"visual"}
+    assert hits == index.search("g", queries, weights, limit=3, candidates=8)
+    for hit in hits:
+        exact = {
+            "text": _cos(queries["text"], vectors[hit.id]["image"]),
+            "generated": _cos(queries["generated"], vectors[hit.id]["visual"]),
+        }
+        assert hit.path_scores == pytest.approx(exact, abs=1e-5)
+
+
 def test_multi_path_search_scores_a_missing_vector_as_zero(index: QdrantIndex) -> None:
     index.ensure_collection("g", {"image": 2, "visual": 2}, "m")
     index.upsert(
