@@ -102,13 +102,13 @@ def encode_images_or_reasons(
 
 
 class _Batched:
-    """Applies the configured batch limits to the ``@serve.batch`` method ``encode``."""
+    """Applies the configured batch limits to a ``@serve.batch`` method, and counts batches."""
 
-    def _limits(self, max_batch_size: int, batch_wait_s: float) -> None:
+    def _limits(self, method: Any, max_batch_size: int, batch_wait_s: float) -> None:
         self.stats = BatchStats()
         self.max_batch_size = max_batch_size
-        self.encode.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self.encode.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+        method.set_max_batch_size(max_batch_size)
+        method.set_batch_wait_timeout_s(batch_wait_s)
 
     def batch_stats(self) -> dict[str, int]:
         return self.stats.snapshot()
@@ -125,7 +125,7 @@ class TextEncoder(_Batched):
 
         _setup(torch_threads)
         self.encoder = load_dual_encoder(model_spec)
-        self._limits(max_batch_size, batch_wait_s)
+        self._limits(self.encode, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.encoder.model_version, "dim": self.encoder.dim}
@@ -156,7 +156,7 @@ class ImageEncoder(_Batched):
         _setup(torch_threads)
         self.encoder = load_dual_encoder(model_spec)
         self.max_pixels = max_pixels
-        self._limits(max_batch_size, batch_wait_s)
+        self._limits(self.encode, max_batch_size, batch_wait_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def encode(self, requests: list[list[bytes]]) -> list[list[np.ndarray | str]]:
@@ -185,7 +185,7 @@ class VisionEncoder(_Batched):
         _setup(torch_threads)
         self.encoder = load_vision_encoder(model_spec)
         self.max_pixels = max_pixels
-        self._limits(max_batch_size, batch_wait_s)
+        self._limits(self.encode, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.encoder.model_version, "dim": self.encoder.dim}
@@ -207,7 +207,7 @@ GenerateCall = tuple[str, int, int, float, int]
 
 
 @serve.deployment(name="Generator")
-class Generator:
+class Generator(_Batched):
     """Prompts -> K generated images each. Concurrent queries with the same sampling settings
     share one denoising loop; each query's images depend only on its own prompt and seed."""
 
@@ -218,13 +218,8 @@ class Generator:
 
         _setup(torch_threads)
         self.generator = load_generator(model_spec)
-        self.generate.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self.generate.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
         self.batch_sizes: list[int] = []
-        self.stats = BatchStats()
-
-    def batch_stats(self) -> dict[str, int]:
-        return self.stats.snapshot()
+        self._limits(self.generate, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.generator.model_version, "batches": self.batch_sizes[-100:]}
@@ -298,13 +293,13 @@ class CaptionDecoder(_Batched):
         _setup(torch_threads)
         self.captioner = load_captioner(model_spec)
         self.max_pixels = max_pixels
-        self._limits(max_batch_size, batch_wait_s)
+        self._limits(self.caption, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.captioner.model_version}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def encode(self, calls: list[CaptionCall]) -> list[list[tuple[str, float] | str]]:
+    async def caption(self, calls: list[CaptionCall]) -> list[list[tuple[str, float] | str]]:
         """``max_batch_size`` bounds both the requests batched and the images per pass."""
         self.stats.count(len(calls))
         out: list[list[tuple[str, float] | str]] = [[""] * len(c[0]) for c in calls]

@@ -96,7 +96,7 @@ class HandleCaptions:
         self, images: list[bytes], strategy: str, beam_size: int, temperature: float, seed: int
     ) -> list[tuple[str, float] | str]:
         call = (images, strategy, beam_size, temperature, seed)
-        return list(await self._handle.encode.remote(call))
+        return list(await self._handle.caption.remote(call))
 
 
 class CeleryQueue:
