@@ -139,51 +139,14 @@ class TextEncoder(_Batched):
         return _split(vectors, sizes)
 
 
-@serve.deployment(name="ImageEncoder")
-class ImageEncoder(_Batched):
-    """Encoded images -> joint-space vectors; an undecodable image gives its reason instead."""
+class _ImageTower(_Batched):
+    """Encoded images (or generated PIL images) -> one tower's vectors; an undecodable image
+    gives its reason instead."""
 
-    def __init__(
-        self,
-        model_spec: str,
-        max_batch_size: int,
-        batch_wait_s: float,
-        torch_threads: int,
-        max_pixels: int,
+    def _serve(
+        self, encoder: Any, max_batch_size: int, batch_wait_s: float, max_pixels: int
     ) -> None:
-        from imagine.models.dual_encoder import load_dual_encoder
-
-        _setup(torch_threads)
-        self.encoder = load_dual_encoder(model_spec)
-        self.max_pixels = max_pixels
-        self._limits(self.encode, max_batch_size, batch_wait_s)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def encode(self, requests: list[list[bytes]]) -> list[list[np.ndarray | str]]:
-        self.stats.count(len(requests))
-        items, sizes = _flatten(requests)
-        out = encode_images_or_reasons(
-            items, self.encoder.encode_images, self.max_pixels, self.max_batch_size
-        )
-        return _split(out, sizes)
-
-
-@serve.deployment(name="VisionEncoder")
-class VisionEncoder(_Batched):
-    """Images (encoded bytes or generated PIL images) -> vision-only vectors."""
-
-    def __init__(
-        self,
-        model_spec: str,
-        max_batch_size: int,
-        batch_wait_s: float,
-        torch_threads: int,
-        max_pixels: int,
-    ) -> None:
-        from imagine.models.vision import load_vision_encoder
-
-        _setup(torch_threads)
-        self.encoder = load_vision_encoder(model_spec)
+        self.encoder = encoder
         self.max_pixels = max_pixels
         self._limits(self.encode, max_batch_size, batch_wait_s)
 
@@ -200,6 +163,42 @@ class VisionEncoder(_Batched):
             items, self.encoder.encode_images, self.max_pixels, self.max_batch_size
         )
         return _split(out, sizes)
+
+
+@serve.deployment(name="ImageEncoder")
+class ImageEncoder(_ImageTower):
+    """Images -> joint-space vectors (the dual encoder's image tower)."""
+
+    def __init__(
+        self,
+        model_spec: str,
+        max_batch_size: int,
+        batch_wait_s: float,
+        torch_threads: int,
+        max_pixels: int,
+    ) -> None:
+        from imagine.models.dual_encoder import load_dual_encoder
+
+        _setup(torch_threads)
+        self._serve(load_dual_encoder(model_spec), max_batch_size, batch_wait_s, max_pixels)
+
+
+@serve.deployment(name="VisionEncoder")
+class VisionEncoder(_ImageTower):
+    """Images -> vision-only vectors (the second image vector, ``visual``)."""
+
+    def __init__(
+        self,
+        model_spec: str,
+        max_batch_size: int,
+        batch_wait_s: float,
+        torch_threads: int,
+        max_pixels: int,
+    ) -> None:
+        from imagine.models.vision import load_vision_encoder
+
+        _setup(torch_threads)
+        self._serve(load_vision_encoder(model_spec), max_batch_size, batch_wait_s, max_pixels)
 
 
 # (prompt, num_images, steps, guidance, seed)
