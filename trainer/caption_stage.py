@@ -33,6 +33,7 @@ from imagine.models.captioner import (
     captioner_config,
     save_captioner,
 )
+from trainer.schedule import warmup_cosine
 
 STATE_FILE = "train_state.pt"
 
@@ -116,12 +117,6 @@ def caption_stage(cfg: dict[str, Any]) -> None:
     scst_total = int(cfg["scst_steps"])
     warmup = min(100, xe_total // 10)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg["lr"] * (step + 1) / warmup
-        frac = (step - warmup) / max(1, xe_total - warmup)
-        return cfg["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
     def batch_pixels(idx: torch.Tensor) -> torch.Tensor:
         x = pixels[idx].float() / 255.0
         return (x - cap._mean) / cap._std
@@ -168,8 +163,9 @@ def caption_stage(cfg: dict[str, Any]) -> None:
         perm = torch.randperm(n, generator=gen.manual_seed(cfg["seed"] + epoch))
         for b in range(pos, steps_per_epoch):
             idx = perm[b * bs : (b + 1) * bs]
+            lr = warmup_cosine(cfg["lr"], step, warmup, xe_total, floor=0.05)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step) * group["scale"]
+                group["lr"] = lr * group["scale"]
             seq = tokens[idx]
             logits = net.logits(memory_of(idx), seq[:, :-1])
             loss = F.cross_entropy(

@@ -34,6 +34,7 @@ from imagine.models.generator import (
 )
 from imagine.models.registry import get_model_config
 from trainer.datasets import TrainData, load_train_data
+from trainer.schedule import warmup_cosine
 from trainer.stages import _progress
 
 STATE_FILE = "train_state.pt"
@@ -121,11 +122,6 @@ def generator_stage(cfg: dict[str, Any]) -> None:
         total = min(total, int(cfg["max_steps"]))
     warmup = min(200, total // 10)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg["lr"] * (step + 1) / warmup
-        return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
     step = 0
     state_path = work / STATE_FILE
     if cfg["resume"] and state_path.is_file():
@@ -175,7 +171,7 @@ def generator_stage(cfg: dict[str, Any]) -> None:
             rows = caption_ids[idx].clone()
             rows[torch.rand(len(idx), generator=gen) < dropout] = empty
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine(cfg["lr"], step, warmup, total)
             pred = model(xt, t, states[rows], encoder_attention_mask=masks[rows]).sample
             loss = F.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)

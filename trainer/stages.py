@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from imagine.models.dual_encoder import DualEncoder, build_clip, save_checkpoint
 from imagine.models.registry import get_model_config
 from trainer.datasets import TrainData, load_train_data
+from trainer.schedule import warmup_cosine
 
 STATE_FILE = "train_state.pt"
 
@@ -91,11 +92,6 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
     total = max(1, round(steps_per_epoch * cfg["epochs"]))
     warmup = min(100, total // 10)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg["lr"] * (step + 1) / warmup
-        return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
     step = 0
     state_path = work / STATE_FILE
     if cfg["resume"] and state_path.is_file():
@@ -125,7 +121,7 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
             x[flip] = x[flip].flip(-1)
             x = (x - mean) / std
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine(cfg["lr"], step, warmup, total)
             img = model.encode_image(x, normalize=True)  # type: ignore[operator]
             txt = F.normalize(model.text.proj(pooled[caption_ids[idx]]), dim=-1)  # type: ignore[union-attr,operator]
             scale = model.logit_scale.exp().clamp(max=100)  # type: ignore[union-attr,operator]

@@ -32,6 +32,7 @@ from imagine.models.vision import (
     save_vision_checkpoint,
 )
 from trainer.datasets import load_train_data
+from trainer.schedule import warmup_cosine
 from trainer.stages import STATE_FILE, _progress
 
 DEFAULTS: dict[str, Any] = {
@@ -152,12 +153,6 @@ def vision_stage(cfg: dict[str, Any]) -> None:
     total = max(1, round(steps_per_epoch * cfg["epochs"]))
     warmup = min(100, total // 10)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return float(cfg["lr"] * (step + 1) / warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return float(cfg["lr"] * 0.5 * (1 + math.cos(math.pi * progress)))
-
     step = 0
     state_path = work / STATE_FILE
     if cfg["resume"] and state_path.is_file():
@@ -186,7 +181,7 @@ def vision_stage(cfg: dict[str, Any]) -> None:
             )
             ids = groups[idx] if objective == "supcon" else torch.arange(len(idx))
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine(cfg["lr"], step, warmup, total)
             feats = F.normalize(net(encoder.normalise_pixels(batch)), dim=-1)
             loss = contrastive_loss(feats, ids.repeat(views), cfg["temperature"])
             opt.zero_grad(set_to_none=True)
