@@ -63,7 +63,8 @@ PROFILES: dict[str, Profile] = {
             "encoder_batch_size": 32,
             "encoder_batch_wait_s": 0.01,
             "generator_batch_size": 4,
-            "generator_batch_wait_s": 0.05,
+            "generator_batch_wait_s": 0.005,
+            "generator_precision": "auto",  # bfloat16 on AVX512-BF16/AMX nodes, else float32
             "torch_threads": 1,
             "generator_torch_threads": 1,
         },
@@ -116,7 +117,8 @@ PROFILES: dict[str, Profile] = {
             "encoder_batch_size": 128,
             "encoder_batch_wait_s": 0.005,
             "generator_batch_size": 16,
-            "generator_batch_wait_s": 0.02,
+            "generator_batch_wait_s": 0.005,
+            "generator_precision": "auto",  # bfloat16 on GPUs with bf16 units, else float32
             "torch_threads": 2,
             "generator_torch_threads": 2,
         },

@@ -46,6 +46,14 @@ BATCHES = Gauge(
     "imagine_batches", "Batches a deployment has run since start", ["deployment"],
     registry=REGISTRY,
 )  # fmt: skip
+GENERATOR_PASSES = Gauge(
+    "imagine_generator_passes", "UNet passes of the generator's denoising loop since start",
+    registry=REGISTRY,
+)  # fmt: skip
+GENERATOR_QUERIES_PER_PASS = Gauge(
+    "imagine_generator_queries_per_pass",
+    "Mean queries sharing a UNet pass of the denoising loop since start", registry=REGISTRY,
+)  # fmt: skip
 BATCH_ITEMS = Gauge(
     "imagine_batch_items", "Items a deployment has processed in batches since start",
     ["deployment"], registry=REGISTRY,

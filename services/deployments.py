@@ -8,16 +8,20 @@ overlays), not the decorator.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from ray import serve
 
 from imagine.imaging import BadImage, decode_image
+
+if TYPE_CHECKING:
+    from imagine.models.generator import GenerateCall
 
 log = logging.getLogger("imagine.services")
 
@@ -201,14 +205,17 @@ class VisionEncoder(_ImageTower):
         self._serve(load_vision_encoder(model_spec), max_batch_size, batch_wait_s, max_pixels)
 
 
-# (prompt, num_images, steps, guidance, seed)
-GenerateCall = tuple[str, int, int, float, int]
-
-
 @serve.deployment(name="Generator")
 class Generator(_Batched):
-    """Prompts -> K generated images each. Concurrent queries with the same sampling settings
-    share one denoising loop; each query's images depend only on its own prompt and seed."""
+    """Prompts -> K generated images each, through one shared denoising loop: a query joins
+    the queries being denoised at their next UNet pass, whatever its K, steps or guidance, and
+    its images depend only on its own prompt and seed (:class:`DenoisingLoop`).
+
+    ``@serve.batch`` takes the requests in; its batches do not wait for each other (up to
+    ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop.
+    ``max_batch_size`` also bounds the queries denoised at once."""
+
+    INTAKE_BATCHES = 64
 
     def __init__(
         self,
@@ -218,11 +225,11 @@ class Generator(_Batched):
         torch_threads: int,
         precision: str = "auto",
     ) -> None:
-        from imagine.models.generator import load_generator
+        from imagine.models.generator import DenoisingLoop, load_generator
 
         _setup(torch_threads)
         self.generator = load_generator(model_spec, precision=precision)
-        self.batch_sizes: list[int] = []
+        self.loop = DenoisingLoop(self.generator, max_jobs=max_batch_size)
         self._limits(self.generate, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
@@ -231,28 +238,25 @@ class Generator(_Batched):
         version, precision = self.generator.model_version, self.generator.precision
         if precision != "float32":
             version += f"+{precision}"
-        return {"model_version": version, "batches": self.batch_sizes[-100:]}
+        return {"model_version": version}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    def batch_stats(self) -> dict[str, int]:
+        """The intake's batches, and the loop's passes and queries over them."""
+        return {
+            **self.stats.snapshot(),
+            "passes": self.loop.passes,
+            "job_steps": self.loop.job_steps,
+        }
+
+    @serve.batch(
+        max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=INTAKE_BATCHES
+    )
     async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
-        self.batch_sizes.append(len(calls))
         self.stats.count(len(calls))
-        log.info("Generator: a batch of %d queries", len(calls))
-        groups: dict[tuple[int, int, float], list[int]] = {}
-        for i, (_, k, steps, guidance, _) in enumerate(calls):
-            groups.setdefault((k, steps, guidance), []).append(i)
-        out: list[list[Image.Image]] = [[] for _ in calls]
-        for (k, steps, guidance), idx in groups.items():
-            images = self.generator.generate(
-                [calls[i][0] for i in idx],
-                num_images=k,
-                steps=steps,
-                guidance=guidance,
-                seed=[calls[i][4] for i in idx],  # each query keeps its own seed
-            )
-            for i, imgs in zip(idx, images, strict=True):
-                out[i] = imgs
-        return out
+        log.info("Generator: %d queries in", len(calls))
+        return list(
+            await asyncio.gather(*(asyncio.wrap_future(self.loop.submit(*c)) for c in calls))
+        )
 
 
 @serve.deployment(name="Aggregator")

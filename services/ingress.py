@@ -27,6 +27,8 @@ from imagine.observability import (
     BATCH_ITEMS,
     BATCH_SIZE,
     BATCHES,
+    GENERATOR_PASSES,
+    GENERATOR_QUERIES_PER_PASS,
     JOB_OBJECTS,
     JOB_PROGRESS,
     JOBS,
@@ -150,6 +152,11 @@ async def poll_metrics_forever(handles: dict[str, DeploymentHandle], jobs: Sqlit
             BATCHES.labels(name).set(st["batches"])
             BATCH_ITEMS.labels(name).set(st["requests"])
             BATCH_SIZE.labels(name).set(st["requests"] / st["batches"] if st["batches"] else 0)
+            if "passes" in st:  # the generator's denoising loop
+                GENERATOR_PASSES.set(st["passes"])
+                GENERATOR_QUERIES_PER_PASS.set(
+                    st["job_steps"] / st["passes"] if st["passes"] else 0
+                )
         try:
             recent = await asyncio.to_thread(jobs.list, "", 500)
         except Exception as exc:

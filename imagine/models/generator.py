@@ -23,9 +23,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from imagine.models.registry import (
     version_tag,
 )
 
+log = logging.getLogger("imagine.models")
 FAMILY = "generator"
 DIFFUSERS = "diffusers"
 # the components of a Stable-Diffusion-format pipeline directory, each a subdirectory
@@ -107,26 +111,57 @@ class ImaginePipeline(DiffusionPipeline):
         classifier-free guidance (skipped when ``guidance == 1``). DDIM with eta 0 adds no noise,
         so the result depends on the inputs only.
         """
-        unet: Any = self.unet
         # A scheduler per call: its timestep state must not be shared by concurrent callers.
-        scheduler: Any = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps)
-        dtype = next(unet.parameters()).dtype
+        scheduler: Any = self.new_scheduler(steps)
         sample = noise.to(self.device, torch.float32)
-        n = len(sample)
-        guided = guidance != 1.0
-        if guided:
-            states = torch.cat([states, empty_states.expand(n, -1, -1)])
-            mask = torch.cat([mask, empty_mask.expand(n, -1)])
-        states, mask = states.to(self.device, dtype), mask.to(self.device)
+        scale = torch.full((len(sample),), float(guidance))
         for t in scheduler.timesteps:
-            model_in = torch.cat([sample, sample]) if guided else sample
-            eps = unet(model_in.to(dtype), t, states, encoder_attention_mask=mask).sample.float()
-            if guided:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + guidance * (cond - uncond)
+            times = t.expand(len(sample))
+            eps = self.guided_eps(sample, times, states, mask, scale, empty_states, empty_mask)
             sample = scheduler.step(eps, t, sample, eta=0.0).prev_sample
         return sample.clamp(-1, 1)
+
+    def new_scheduler(self, steps: int) -> Any:
+        scheduler: Any = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    @torch.inference_mode()
+    def guided_eps(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        guidance: torch.Tensor,
+        empty_states: torch.Tensor,
+        empty_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One UNet pass: the guided noise prediction of every sample (B, C, S, S), each at its
+        own timestep (B,) and guidance scale (B,); the unconditional branch runs only for the
+        samples with guidance != 1. Float32 out, whatever the UNet's precision."""
+        unet: Any = self.unet
+        dtype = next(unet.parameters()).dtype
+        n = len(sample)
+        guided = (guidance != 1.0).nonzero().flatten()
+        g = len(guided)
+        if g:
+            sample = torch.cat([sample, sample[guided]])
+            timesteps = torch.cat([timesteps, timesteps[guided]])
+            states = torch.cat([states, empty_states.expand(g, -1, -1)])
+            mask = torch.cat([mask, empty_mask.expand(g, -1)])
+        eps = unet(
+            sample.to(self.device, dtype),
+            timesteps.to(self.device),
+            states.to(self.device, dtype),
+            encoder_attention_mask=mask.to(self.device),
+        ).sample.float()
+        cond = eps[:n]
+        if g:
+            uncond = eps[n:]
+            scale = guidance[guided].to(eps).view(-1, 1, 1, 1)
+            cond[guided] = uncond + scale * (cond[guided] - uncond)
+        return cond
 
 
 # -- text conditioning ------------------------------------------------------------------------
@@ -290,6 +325,135 @@ def build_pipeline(config: dict[str, Any], seed: int = 0) -> ImaginePipeline:
     )
 
 
+@dataclass(eq=False)
+class DenoiseJob:
+    """One prompt's K samples on their way through the sampler (see :meth:`Generator.start`)."""
+
+    sample: torch.Tensor  # (K, C, S, S), float32
+    states: torch.Tensor  # (K, L, D), the prompt's token states
+    mask: torch.Tensor  # (K, L)
+    guidance: float
+    scheduler: Any  # this job's own: it holds the job's timesteps
+    step: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.scheduler.timesteps)
+
+
+# (prompt, num_images, steps, guidance, seed)
+GenerateCall = tuple[str, int, int, float, int]
+
+
+class DenoisingLoop:
+    """Queries that share UNet passes as they come and go (continuous batching).
+
+    A query submitted while others are being denoised joins them at the next pass, each at its
+    own step, and leaves after its last one: no query waits for another's whole loop, and
+    queries with other K, steps or guidance share the passes too. At most ``max_jobs`` are
+    denoised at once; later ones wait their turn in order. The passes run in one daemon thread;
+    :meth:`submit` returns a future of the images. A query whose future is cancelled leaves at
+    the next pass. A pass that fails fails the queries in it, not the loop.
+
+    A query's images depend only on its own prompt and seed (up to float rounding in the
+    batched kernels), as with :meth:`Generator.generate`.
+    """
+
+    def __init__(self, generator: Generator, max_jobs: int = 16) -> None:
+        if max_jobs < 1:
+            raise ValueError("max_jobs must be at least 1")
+        self.generator = generator
+        self.max_jobs = max_jobs
+        self.passes = 0  # UNet passes run
+        self.job_steps = 0  # sum over passes of the queries in each
+        self._pending: deque[tuple[GenerateCall, Future[list[Image.Image]]]] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        # OpenMP's thread count is per thread: a new thread starts from OMP_NUM_THREADS (Ray
+        # sets 1 in its workers), not from the creator's torch.set_num_threads
+        self._torch_threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run, name="denoising-loop", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, prompt: str, num_images: int, steps: int, guidance: float, seed: int
+    ) -> Future[list[Image.Image]]:
+        if num_images < 1 or steps < 1:
+            raise ValueError("num_images and steps must be at least 1")
+        future: Future[list[Image.Image]] = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the denoising loop is closed")
+            self._pending.append(((prompt, num_images, steps, guidance, seed), future))
+            self._wake.notify()
+        return future
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop after the current pass; queries not finished fail."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+
+    def _admit(self, active: list[tuple[DenoiseJob, Future[list[Image.Image]]]]) -> bool:
+        """Wait for work; move waiting queries into ``active``. False once closed."""
+        with self._wake:
+            while not self._closed and not self._pending and not active:
+                self._wake.wait()
+            if self._closed:
+                for _, future in self._pending:
+                    _settle(future, error=RuntimeError("the denoising loop is closed"))
+                self._pending.clear()
+                return False
+            admitted = []
+            while self._pending and len(active) + len(admitted) < self.max_jobs:
+                admitted.append(self._pending.popleft())
+        for call, future in admitted:
+            if future.cancelled():
+                continue
+            try:  # encodes the prompt: here, not in the caller's (event-loop) thread
+                active.append((self.generator.start(*call), future))
+            except Exception as exc:
+                _settle(future, error=exc)
+        return True
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
+        active: list[tuple[DenoiseJob, Future[list[Image.Image]]]] = []
+        while self._admit(active):
+            active = [(job, f) for job, f in active if not f.cancelled()]
+            if not active:
+                continue
+            try:
+                self.generator.advance([job for job, _ in active])
+            except Exception as exc:
+                log.exception("denoising pass of %d queries failed", len(active))
+                for _, future in active:
+                    _settle(future, error=exc)
+                active = []
+                continue
+            self.passes += 1
+            self.job_steps += len(active)
+            for job, future in active:
+                if job.done:
+                    _settle(future, result=self.generator.images(job))
+            active = [(job, f) for job, f in active if not job.done]
+        for _, future in active:
+            _settle(future, error=RuntimeError("the denoising loop is closed"))
+
+
+def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a future unless its caller cancelled it meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 class Generator:
     """A loaded generator: prompts in, ``num_images`` PIL images per prompt out.
 
@@ -369,6 +533,45 @@ class Generator:
         )
         images = to_images(samples, self.image_size)
         return [images[i * num_images : (i + 1) * num_images] for i in range(len(prompts))]
+
+    def start(
+        self, prompt: str, num_images: int, steps: int, guidance: float, seed: int
+    ) -> DenoiseJob:
+        """One prompt's ``num_images`` samples, ready for :meth:`advance`: seeded and
+        conditioned exactly as :meth:`generate` does."""
+        if num_images < 1 or steps < 1:
+            raise ValueError("num_images and steps must be at least 1")
+        states, mask = self.text.encode([prompt])
+        return DenoiseJob(
+            sample=self.initial_noise(1, num_images, seed).to(self.device),
+            states=states.expand(num_images, -1, -1),
+            mask=mask.expand(num_images, -1),
+            guidance=float(guidance),
+            scheduler=self.pipeline.new_scheduler(steps),
+        )
+
+    def advance(self, jobs: Sequence[DenoiseJob]) -> None:
+        """One UNet pass for the next step of every job, each at its own timestep and
+        guidance, so jobs started at different times (or with other settings) share it."""
+        times = [job.scheduler.timesteps[job.step] for job in jobs]
+        sizes = [len(job.sample) for job in jobs]
+        empty_states, empty_mask = self.text.encode([""])
+        eps = self.pipeline.guided_eps(
+            torch.cat([job.sample for job in jobs]),
+            torch.cat([t.expand(n) for t, n in zip(times, sizes, strict=True)]),
+            torch.cat([job.states for job in jobs]),
+            torch.cat([job.mask for job in jobs]),
+            torch.tensor([job.guidance for job in jobs]).repeat_interleave(torch.tensor(sizes)),
+            empty_states,
+            empty_mask,
+        )
+        for job, t, e in zip(jobs, times, eps.split(sizes), strict=True):
+            job.sample = job.scheduler.step(e, t, job.sample, eta=0.0).prev_sample
+            job.step += 1
+
+    def images(self, job: DenoiseJob) -> list[Image.Image]:
+        """A finished job's images."""
+        return to_images(job.sample.clamp(-1, 1), self.image_size)
 
     def save(self, path: str | Path, manifest: dict[str, Any]) -> str:
         """Write the pipeline (``save_pretrained``) and ``manifest.json``; returns the version."""

@@ -568,6 +568,9 @@ def test_metrics_endpoint_after_a_demo_run(secure: Stack, collection: str) -> No
     for dep in ("TextEncoder", "ImageEncoder", "VisionEncoder", "Generator"):
         assert series[f'imagine_batches{{deployment="{dep}"}}'] >= 1, dep
         assert series[f'imagine_batch_size_mean{{deployment="{dep}"}}'] >= 1, dep
+    # the cold fused query ran the denoising loop (its cache hit ran none)
+    assert series["imagine_generator_passes"] >= 1
+    assert series["imagine_generator_queries_per_pass"] >= 1
     assert series['imagine_jobs{state="SUCCEEDED"}'] >= 1
     assert series['imagine_job_objects{outcome="embedded"}'] >= N
     worker = _series(_scrape(secure.env["WORKER_METRICS"]))
