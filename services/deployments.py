@@ -212,7 +212,8 @@ class Generator(_Batched):
     its images depend only on its own prompt and seed (:class:`DenoisingLoop`).
 
     ``@serve.batch`` takes the requests in; its batches do not wait for each other (up to
-    ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop.
+    ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop. The
+    passes run on the replica's event loop, one at a time between other requests.
     ``max_batch_size`` also bounds the queries denoised at once."""
 
     INTAKE_BATCHES = 64
@@ -230,6 +231,7 @@ class Generator(_Batched):
         _setup(torch_threads)
         self.generator = load_generator(model_spec, precision=precision)
         self.loop = DenoisingLoop(self.generator, max_jobs=max_batch_size)
+        self.driver: asyncio.Task[None] | None = None
         self._limits(self.generate, max_batch_size, batch_wait_s)
 
     def info(self) -> dict[str, Any]:
@@ -254,9 +256,20 @@ class Generator(_Batched):
     async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
         self.stats.count(len(calls))
         log.info("Generator: %d queries in", len(calls))
-        return list(
-            await asyncio.gather(*(asyncio.wrap_future(self.loop.submit(*c)) for c in calls))
-        )
+        images = [asyncio.wrap_future(self.loop.submit(*c)) for c in calls]
+        if self.driver is None or self.driver.done():
+            self.driver = asyncio.create_task(self._drive())
+        return list(await asyncio.gather(*images))
+
+    async def _drive(self) -> None:
+        """UNet passes on this event loop while queries remain, yielding between passes so
+        arriving requests join at the next one."""
+        try:
+            while self.loop.run_pass():
+                await asyncio.sleep(0)
+        except Exception as exc:  # never leave a query waiting
+            log.exception("denoising loop failed")
+            self.loop.fail(exc)
 
 
 @serve.deployment(name="Aggregator")

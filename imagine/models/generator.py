@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
@@ -351,9 +352,14 @@ class DenoisingLoop:
     A query submitted while others are being denoised joins them at the next pass, each at its
     own step, and leaves after its last one: no query waits for another's whole loop, and
     queries with other K, steps or guidance share the passes too. At most ``max_jobs`` are
-    denoised at once; later ones wait their turn in order. The passes run in one daemon thread;
-    :meth:`submit` returns a future of the images. A query whose future is cancelled leaves at
-    the next pass. A pass that fails fails the queries in it, not the loop.
+    denoised at once; later ones wait their turn in order. :meth:`submit` returns a future of
+    the images; a query whose future is cancelled leaves at the next pass. A pass that fails
+    fails the queries in it, not the loop.
+
+    The caller drives it, one :meth:`run_pass` at a time, from the thread that submits (it is
+    not thread-safe). The Generator deployment runs the passes on its event loop, which also
+    loaded the model: a UNet pass on another thread ran 1.5-1.9x slower here, OpenMP's spinning
+    thread team being the loading thread's.
 
     A query's images depend only on its own prompt and seed (up to float rounding in the
     batched kernels), as with :meth:`Generator.generate`.
@@ -367,13 +373,7 @@ class DenoisingLoop:
         self.passes = 0  # UNet passes run
         self.job_steps = 0  # sum over passes of the queries in each
         self._pending: deque[tuple[GenerateCall, Future[list[Image.Image]]]] = deque()
-        self._wake = threading.Condition()
-        self._closed = False
-        # OpenMP's thread count is per thread: a new thread starts from OMP_NUM_THREADS (Ray
-        # sets 1 in its workers), not from the creator's torch.set_num_threads
-        self._torch_threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, name="denoising-loop", daemon=True)
-        self._thread.start()
+        self._active: list[tuple[DenoiseJob, Future[list[Image.Image]]]] = []
 
     def submit(
         self, prompt: str, num_images: int, steps: int, guidance: float, seed: int
@@ -381,66 +381,60 @@ class DenoisingLoop:
         if num_images < 1 or steps < 1:
             raise ValueError("num_images and steps must be at least 1")
         future: Future[list[Image.Image]] = Future()
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("the denoising loop is closed")
-            self._pending.append(((prompt, num_images, steps, guidance, seed), future))
-            self._wake.notify()
+        self._pending.append(((prompt, num_images, steps, guidance, seed), future))
         return future
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop after the current pass; queries not finished fail."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout_s)
-
-    def _admit(self, active: list[tuple[DenoiseJob, Future[list[Image.Image]]]]) -> bool:
-        """Wait for work; move waiting queries into ``active``. False once closed."""
-        with self._wake:
-            while not self._closed and not self._pending and not active:
-                self._wake.wait()
-            if self._closed:
-                for _, future in self._pending:
-                    _settle(future, error=RuntimeError("the denoising loop is closed"))
-                self._pending.clear()
-                return False
-            admitted = []
-            while self._pending and len(active) + len(admitted) < self.max_jobs:
-                admitted.append(self._pending.popleft())
-        for call, future in admitted:
-            if future.cancelled():
-                continue
-            try:  # encodes the prompt: here, not in the caller's (event-loop) thread
-                active.append((self.generator.start(*call), future))
-            except Exception as exc:
-                _settle(future, error=exc)
-        return True
+    @property
+    def busy(self) -> bool:
+        """Queries are waiting or being denoised."""
+        return bool(self._pending or self._active)
 
     @torch.inference_mode()
-    def _run(self) -> None:
-        torch.set_num_threads(self._torch_threads)
-        active: list[tuple[DenoiseJob, Future[list[Image.Image]]]] = []
-        while self._admit(active):
-            active = [(job, f) for job, f in active if not f.cancelled()]
-            if not active:
+    def run_pass(self) -> bool:
+        """Admit waiting queries, run one UNet pass over every query in the loop, hand the
+        finished ones their images. True while queries remain."""
+        self._active = [(job, f) for job, f in self._active if not f.cancelled()]
+        while self._pending and len(self._active) < self.max_jobs:
+            call, future = self._pending.popleft()
+            if future.cancelled():
                 continue
             try:
-                self.generator.advance([job for job, _ in active])
+                self._active.append((self.generator.start(*call), future))
             except Exception as exc:
-                log.exception("denoising pass of %d queries failed", len(active))
-                for _, future in active:
-                    _settle(future, error=exc)
-                active = []
-                continue
-            self.passes += 1
-            self.job_steps += len(active)
-            for job, future in active:
-                if job.done:
-                    _settle(future, result=self.generator.images(job))
-            active = [(job, f) for job, f in active if not job.done]
-        for _, future in active:
-            _settle(future, error=RuntimeError("the denoising loop is closed"))
+                _settle(future, error=exc)
+        if not self._active:
+            return self.busy
+        start = time.perf_counter()
+        try:
+            self.generator.advance([job for job, _ in self._active])
+        except Exception as exc:
+            log.exception("denoising pass of %d queries failed", len(self._active))
+            self.fail(exc, waiting=False)
+            return self.busy
+        self.passes += 1
+        self.job_steps += len(self._active)
+        log.debug(
+            "denoising pass %d: %d queries, %d samples, %.1f ms",
+            self.passes,
+            len(self._active),
+            sum(len(job.sample) for job, _ in self._active),
+            (time.perf_counter() - start) * 1e3,
+        )
+        for job, future in self._active:
+            if job.done:
+                _settle(future, result=self.generator.images(job))
+        self._active = [(job, f) for job, f in self._active if not job.done]
+        return self.busy
+
+    def fail(self, error: BaseException, waiting: bool = True) -> None:
+        """Fail the queries being denoised (and, with ``waiting``, those waiting) with
+        ``error``; they leave the loop."""
+        queries = self._active + (list(self._pending) if waiting else [])
+        self._active = []
+        if waiting:
+            self._pending.clear()
+        for _, future in queries:
+            _settle(future, error=error)
 
 
 def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
