@@ -21,7 +21,7 @@ from ray import serve
 from imagine.imaging import BadImage, decode_image
 
 if TYPE_CHECKING:
-    from imagine.models.generator import GenerateCall
+    from imagine.models.generator import DenoisingLoop, GenerateCall
 
 log = logging.getLogger("imagine.services")
 
@@ -227,10 +227,17 @@ class Generator(_Batched):
         precision: str = "auto",
     ) -> None:
         from imagine.models.generator import DenoisingLoop, load_generator
+        from imagine.models.generator import Generator as OwnPipeline
 
         _setup(torch_threads)
         self.generator = load_generator(model_spec, precision=precision)
-        self.loop = DenoisingLoop(self.generator, max_jobs=max_batch_size)
+        # Our pipeline shares UNet passes; a diffusers pipeline (the pretrained profile) runs its
+        # own loop per group of queries with the same settings.
+        self.loop = (
+            DenoisingLoop(self.generator, max_jobs=max_batch_size)
+            if isinstance(self.generator, OwnPipeline)
+            else None
+        )
         self.driver: asyncio.Task[None] | None = None
         self._limits(self.generate, max_batch_size, batch_wait_s)
 
@@ -244,6 +251,8 @@ class Generator(_Batched):
 
     def batch_stats(self) -> dict[str, int]:
         """The intake's batches, and the loop's passes and queries over them."""
+        if self.loop is None:
+            return self.stats.snapshot()
         return {
             **self.stats.snapshot(),
             "passes": self.loop.passes,
@@ -256,20 +265,41 @@ class Generator(_Batched):
     async def generate(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
         self.stats.count(len(calls))
         log.info("Generator: %d queries in", len(calls))
+        if self.loop is None:
+            return self._whole_loops(calls)
         images = [asyncio.wrap_future(self.loop.submit(*c)) for c in calls]
         if self.driver is None or self.driver.done():
-            self.driver = asyncio.create_task(self._drive())
+            self.driver = asyncio.create_task(self._drive(self.loop))
         return list(await asyncio.gather(*images))
 
-    async def _drive(self) -> None:
+    def _whole_loops(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
+        """One pipeline call per group of calls with the same K, steps and guidance."""
+        groups: dict[tuple[int, int, float], list[int]] = {}
+        for i, (_, k, steps, guidance, _) in enumerate(calls):
+            groups.setdefault((k, steps, guidance), []).append(i)
+        out: list[list[Image.Image]] = [[] for _ in calls]
+        for (k, steps, guidance), idx in groups.items():
+            images = self.generator.generate(
+                [calls[i][0] for i in idx],
+                num_images=k,
+                steps=steps,
+                guidance=guidance,
+                seed=[calls[i][4] for i in idx],  # each query keeps its own seed
+            )
+            for i, imgs in zip(idx, images, strict=True):
+                out[i] = imgs
+        return out
+
+    @staticmethod
+    async def _drive(loop: DenoisingLoop) -> None:
         """UNet passes on this event loop while queries remain, yielding between passes so
         arriving requests join at the next one."""
         try:
-            while self.loop.run_pass():
+            while loop.run_pass():
                 await asyncio.sleep(0)
         except Exception as exc:  # never leave a query waiting
             log.exception("denoising loop failed")
-            self.loop.fail(exc)
+            loop.fail(exc)
 
 
 @serve.deployment(name="Aggregator")

@@ -392,3 +392,23 @@ def test_our_own_generator_dir_points_to_local_dir(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "ImaginePipeline"}))
     with pytest.raises(ModelLoadError, match="use 'local-dir:"):
         load_generator(f"diffusers:{tmp_path}")
+
+
+def test_generator_deployment_serves_a_diffusers_pipeline(sd_dir: Path) -> None:
+    """The deployment's own class, outside Serve (``@serve.batch`` needs a replica): a diffusers
+    pipeline has no shared loop, so each group of queries with the same settings runs one
+    pipeline call, every query with its own seed."""
+    from services.deployments import Generator as GeneratorDeployment
+
+    replica = GeneratorDeployment.func_or_class(f"diffusers:{sd_dir}", 4, 0.0, 1, "float32")
+    shoe, bag, other = replica._whole_loops(
+        [("a red shoe", 2, 2, 2.0, 0), ("a blue bag", 1, 2, 2.0, 1), ("a hat", 1, 3, 1.0, 2)]
+    )
+    alone = load_generator(f"diffusers:{sd_dir}", device="cpu").generate(
+        ["a red shoe"], num_images=2, steps=2, guidance=2.0, seed=0
+    )
+
+    assert replica.loop is None
+    assert "passes" not in replica.batch_stats()
+    assert (len(shoe), len(bag), len(other)) == (2, 1, 1)
+    assert np.abs(_pixels([shoe]) - _pixels(alone)).max() <= 1
