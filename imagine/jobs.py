@@ -578,7 +578,6 @@ class PostgresJobStore(SqliteJobStore):
 
     def __init__(self, url: str, connect_timeout_s: int = 10) -> None:
         self.url = url
-        self.path = Path(url)  # for messages only
         self._timeout = connect_timeout_s
         self._local = threading.local()
         with self._tx() as db:
