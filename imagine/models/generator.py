@@ -276,6 +276,12 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def check_counts(num_images: int, steps: int) -> None:
+    """Every way of generating takes at least one image and one denoising step."""
+    if num_images < 1 or steps < 1:
+        raise ValueError("num_images and steps must be at least 1")
+
+
 def image_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 RGB (N, 3, s, s) -> the UNet's channel count (1: ITU-R 601 luma, as PIL's 'L')."""
     if channels == 3 or pixels.shape[1] == channels:
@@ -378,8 +384,7 @@ class DenoisingLoop:
     def submit(
         self, prompt: str, num_images: int, steps: int, guidance: float, seed: int
     ) -> Future[list[Image.Image]]:
-        if num_images < 1 or steps < 1:
-            raise ValueError("num_images and steps must be at least 1")
+        check_counts(num_images, steps)
         future: Future[list[Image.Image]] = Future()
         self._pending.append(((prompt, num_images, steps, guidance, seed), future))
         return future
@@ -509,8 +514,7 @@ class Generator:
         other prompts, a prompt's images match its images alone up to float rounding in the
         batched BLAS kernels (at most one grey level in a few pixels).
         """
-        if num_images < 1 or steps < 1:
-            raise ValueError("num_images and steps must be at least 1")
+        check_counts(num_images, steps)
         if not prompts:
             return []
         states, mask = self.text.encode(prompts)
@@ -533,8 +537,7 @@ class Generator:
     ) -> DenoiseJob:
         """One prompt's ``num_images`` samples, ready for :meth:`advance`: seeded and
         conditioned exactly as :meth:`generate` does."""
-        if num_images < 1 or steps < 1:
-            raise ValueError("num_images and steps must be at least 1")
+        check_counts(num_images, steps)
         states, mask = self.text.encode([prompt])
         return DenoiseJob(
             sample=self.initial_noise(1, num_images, seed).to(self.device),
@@ -672,8 +675,7 @@ class DiffusersGenerator:
     ) -> list[list[Image.Image]]:
         """``num_images`` images per prompt in one batched pipeline call (classifier-free
         guidance when ``guidance > 1``, as diffusers does)."""
-        if num_images < 1 or steps < 1:
-            raise ValueError("num_images and steps must be at least 1")
+        check_counts(num_images, steps)
         if not prompts:
             return []
         latents, generators = self.initial_latents(len(prompts), num_images, seed)
