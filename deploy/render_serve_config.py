@@ -65,6 +65,9 @@ PROFILES: dict[str, Profile] = {
             "generator_batch_size": 4,
             "generator_batch_wait_s": 0.005,
             "generator_precision": "auto",  # bfloat16 on AVX512-BF16/AMX nodes, else float32
+            # CPU passes of >= 16 rows split across the generator's torch threads (with one
+            # thread, as here, nothing splits)
+            "generator_split_rows": 16,
             "torch_threads": 1,
             "generator_torch_threads": 1,
         },
@@ -119,6 +122,7 @@ PROFILES: dict[str, Profile] = {
             "generator_batch_size": 16,
             "generator_batch_wait_s": 0.005,
             "generator_precision": "auto",  # bfloat16 on GPUs with bf16 units, else float32
+            "generator_split_rows": 16,  # CPU only: a GPU pass is never split
             "torch_threads": 2,
             "generator_torch_threads": 2,
         },

@@ -213,8 +213,10 @@ class Generator(_Batched):
 
     ``@serve.batch`` takes the requests in; its batches do not wait for each other (up to
     ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop. The
-    passes run on the replica's event loop, one at a time between other requests.
-    ``max_batch_size`` also bounds the queries denoised at once."""
+    passes run on the replica's event loop, one at a time between other requests; on a CPU, a
+    pass of at least ``split_rows`` rows runs as row chunks on the replica's torch threads at
+    once (:class:`RowWorkers`; 0: never). ``max_batch_size`` also bounds the queries denoised
+    at once."""
 
     INTAKE_BATCHES = 64
 
@@ -225,19 +227,23 @@ class Generator(_Batched):
         batch_wait_s: float,
         torch_threads: int,
         precision: str = "auto",
+        split_rows: int = 16,
     ) -> None:
-        from imagine.models.generator import DenoisingLoop, load_generator
+        import torch
+
+        from imagine.models.generator import DenoisingLoop, RowWorkers, load_generator
         from imagine.models.generator import Generator as OwnPipeline
 
         _setup(torch_threads)
         self.generator = load_generator(model_spec, precision=precision)
         # Our pipeline shares UNet passes; a diffusers pipeline (the pretrained profile) runs its
         # own loop per group of queries with the same settings.
-        self.loop = (
-            DenoisingLoop(self.generator, max_jobs=max_batch_size)
-            if isinstance(self.generator, OwnPipeline)
-            else None
-        )
+        self.loop = None
+        if isinstance(self.generator, OwnPipeline):
+            threads = torch.get_num_threads()
+            split = split_rows > 0 and threads > 1 and self.generator.device == "cpu"
+            workers = RowWorkers(threads, split_rows) if split else None
+            self.loop = DenoisingLoop(self.generator, max_jobs=max_batch_size, workers=workers)
         self.driver: asyncio.Task[None] | None = None
         self._limits(self.generate, max_batch_size, batch_wait_s)
 

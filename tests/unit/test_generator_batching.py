@@ -3,10 +3,16 @@ shared denoising loop lets queries join and leave it between UNet passes."""
 
 from __future__ import annotations
 
+import ctypes
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
-from imagine.models.generator import DenoisingLoop, Generator, load_generator
+from imagine.models.generator import DenoisingLoop, Generator, RowWorkers, load_generator
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +101,7 @@ def test_a_failing_pass_fails_its_queries_not_the_loop(
     loop = DenoisingLoop(generator, max_jobs=4)
     real = generator.advance
 
-    def fault(jobs: list) -> None:  # an injected fault: the UNet pass raises
+    def fault(jobs: list, workers: object = None) -> None:  # an injected fault: the pass raises
         raise RuntimeError("out of memory")
 
     first = loop.submit("a bag", 1, 3, 2.0, 1)
@@ -124,3 +130,73 @@ def test_bad_calls_are_clear_errors_and_fail_ends_every_query(generator: Generat
     for future in (running, waiting):
         with pytest.raises(RuntimeError, match="shutting down"):
             future.result(0)
+
+
+# -- a large pass split into row chunks on threads of one intra-op thread each -----------------
+@pytest.fixture
+def workers() -> Iterator[RowWorkers]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    pool = RowWorkers(2, min_rows=8)
+    yield pool
+    pool.close()
+    torch.set_num_threads(before)
+
+
+def _team_size() -> int:
+    """The calling thread's OpenMP team size, asked of the OpenMP runtime torch ships with."""
+    runtime = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"))
+    return int(runtime.omp_get_max_threads())
+
+
+def test_a_large_pass_runs_as_row_chunks_on_single_threaded_workers(
+    generator: Generator, workers: RowWorkers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert torch.get_num_threads() == 2 and _team_size() == 2  # the caller keeps its team
+    pipeline = generator.pipeline
+    ran: list[tuple[str, int, int]] = []
+    real = pipeline.unet_eps
+
+    def spy(*inputs: torch.Tensor) -> torch.Tensor:
+        ran.append((threading.current_thread().name, _team_size(), len(inputs[0])))
+        return real(*inputs)
+
+    monkeypatch.setattr(pipeline, "unet_eps", spy)
+    states, mask = generator.text.encode(["a bag", "a shoe", "a coat"])
+    empty = generator.text.encode([""])
+    rows = [  # 6 samples, each at its own timestep and guidance
+        generator.initial_noise(3, 2, seed=1),
+        torch.tensor([900, 900, 500, 500, 100, 100]),
+        states.repeat_interleave(2, dim=0),
+        mask.repeat_interleave(2, dim=0),
+        torch.tensor([2.0, 2.0, 1.0, 1.0, 3.0, 3.0]),
+    ]
+    alone = pipeline.guided_eps(*rows, *empty)  # 6 + 4 unconditional rows on this thread
+    split = pipeline.guided_eps(*rows, *empty, workers=workers)
+
+    me = threading.current_thread().name
+    assert ran[0] == (me, 2, 10)
+    assert sorted(ran[1:]) == [("unet-rows_0", 1, 5), ("unet-rows_1", 1, 5)]
+    torch.testing.assert_close(split, alone, rtol=1e-4, atol=1e-4)
+    ran.clear()
+    pipeline.guided_eps(*(r[:2] for r in rows), *empty, workers=workers)  # 2 + 2 rows
+    assert ran == [(me, 2, 4)]  # fewer than min_rows: not split
+    assert torch.get_num_threads() == 2 and _team_size() == 2
+
+
+def test_the_loop_with_split_passes_gives_each_query_its_images(
+    generator: Generator, workers: RowWorkers
+) -> None:
+    loop = DenoisingLoop(generator, max_jobs=4, workers=workers)
+    bag, shoe = loop.submit("a bag", 2, 20, 2.0, 5), loop.submit("a shoe", 3, 4, 1.0, 9)
+    _drain(loop)
+
+    assert _close(_pixels(bag.result(0)), _pixels(generator.generate(["a bag"], 2, 20, 2.0, 5)[0]))
+    assert _close(_pixels(shoe.result(0)), _pixels(generator.generate(["a shoe"], 3, 4, 1.0, 9)[0]))
+
+
+def test_row_workers_need_a_thread_and_a_positive_threshold() -> None:
+    with pytest.raises(ValueError, match="at least one thread"):
+        RowWorkers(0)
+    with pytest.raises(ValueError, match="min_rows"):
+        RowWorkers(2, min_rows=0)
