@@ -33,9 +33,8 @@ from imagine.models.captioner import (
     captioner_config,
     save_captioner,
 )
+from trainer.checkpoints import resume_state, save_state
 from trainer.schedule import warmup_cosine
-
-STATE_FILE = "train_state.pt"
 
 
 def caption_data(
@@ -135,20 +134,13 @@ def caption_stage(cfg: dict[str, Any]) -> None:
         return net.memory(batch_pixels(idx))
 
     step = 0
-    state_path = work / STATE_FILE
-    if cfg["resume"] and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    if state := resume_state(work, cfg["resume"], xe_total + scst_total):
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
-        print(f"resumed from {state_path} at step {step}/{xe_total + scst_total}")
 
     def checkpoint() -> None:
-        torch.save(
-            {"model": net.state_dict(), "opt": opt.state_dict(), "step": step},
-            work / (STATE_FILE + ".tmp"),
-        )
-        (work / (STATE_FILE + ".tmp")).replace(state_path)
+        save_state(work, {"model": net.state_dict(), "opt": opt.state_dict(), "step": step})
 
     gen = torch.Generator().manual_seed(cfg["seed"])
     bar = _progress(xe_total + scst_total, "train caption decoder")

@@ -33,11 +33,11 @@ from imagine.models.generator import (
     to_model_space,
 )
 from imagine.models.registry import get_model_config
+from trainer.checkpoints import report, resume_state, save_state
 from trainer.datasets import TrainData, load_train_data
 from trainer.schedule import warmup_cosine
 from trainer.stages import _progress
 
-STATE_FILE = "train_state.pt"
 DEFAULT_DUAL = "local-dir:checkpoints/fmnist-dual"
 
 
@@ -123,29 +123,20 @@ def generator_stage(cfg: dict[str, Any]) -> None:
     warmup = min(200, total // 10)
 
     step = 0
-    state_path = work / STATE_FILE
-    if cfg["resume"] and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    if state := resume_state(work, cfg["resume"], total):
         unet.load_state_dict(state["unet"])
         opt.load_state_dict(state["opt"])
         ema.shadow = [s.clone() for s in state["ema"]]
         step = int(state["step"])
-        print(f"resumed from {state_path} at step {step}/{total}")
 
     def save(loss: float) -> None:
-        torch.save(
-            {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "step": step},
-            work / (STATE_FILE + ".tmp"),
-        )
-        (work / (STATE_FILE + ".tmp")).replace(state_path)
+        state = {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow}
+        save_state(work, {**state, "step": step})
         export: Any = build_pipeline(model_cfg, seed=cfg["seed"])
         export.unet.load_state_dict(unet.state_dict())
         ema.copy_to([p for p in export.unet.parameters() if p.requires_grad])
         save_pipeline(export, work / "last", {"step": step})
-        ray.train.report(
-            {"step": step, "loss": loss},
-            checkpoint=ray.train.Checkpoint.from_directory(str(work / "last")),
-        )
+        report({"step": step, "loss": loss}, work / "last")
 
     bar = _progress(total, "train generator") if rank == 0 else None
     if bar is not None:

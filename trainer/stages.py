@@ -21,10 +21,9 @@ import torch.nn.functional as F
 
 from imagine.models.dual_encoder import DualEncoder, build_clip, save_checkpoint
 from imagine.models.registry import get_model_config
+from trainer.checkpoints import report, resume_state, save_state
 from trainer.datasets import TrainData, load_train_data
 from trainer.schedule import warmup_cosine
-
-STATE_FILE = "train_state.pt"
 
 
 def multi_positive_loss(
@@ -54,6 +53,22 @@ def pooled_text_features(
     return torch.cat(out)
 
 
+class ContrastivePair(torch.nn.Module):
+    """A training step's forward as one module, which DDP can wrap: the normalised image
+    features, the projected caption features and the logit scale."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model: Any = model
+
+    def forward(
+        self, pixels: torch.Tensor, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        img = self.model.encode_image(pixels, normalize=True)
+        txt = F.normalize(self.model.text.proj(pooled), dim=-1)
+        return img, txt, self.model.logit_scale.exp().clamp(max=100)
+
+
 def _progress(total: int, desc: str) -> Any:
     if os.environ.get("IMAGINE_PLAIN_PROGRESS"):
         from tqdm import tqdm
@@ -67,6 +82,7 @@ def _progress(total: int, desc: str) -> Any:
 def dual_encoder_stage(cfg: dict[str, Any]) -> None:
     """The Ray Train loop for the dual encoder (runs on each worker)."""
     import ray.train
+    import ray.train.torch
 
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -86,23 +102,23 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    # Several workers: DDP averages the gradients (each worker takes its shard of every epoch).
+    pair = ContrastivePair(model)
+    net = ray.train.torch.prepare_model(pair, move_to_device=False) if world > 1 else pair
     n = len(data.pixels)
     bs = cfg["batch_size"]
-    steps_per_epoch = max(1, n // bs)
+    steps_per_epoch = max(1, n // (bs * world))
     total = max(1, round(steps_per_epoch * cfg["epochs"]))
     warmup = min(100, total // 10)
 
     step = 0
-    state_path = work / STATE_FILE
-    if cfg["resume"] and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    if state := resume_state(work, cfg["resume"], total):
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
-        print(f"resumed from {state_path} at step {step}/{total}")
 
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
     bar = _progress(total, "train dual encoder") if rank == 0 else None
     if bar is not None:
         bar.update(step)
@@ -114,7 +130,7 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
         epoch, pos = divmod(step, steps_per_epoch)
         perm = torch.randperm(n, generator=gen.manual_seed(cfg["seed"] + epoch))
         shard = perm[rank::world]
-        for b in range(pos, min(steps_per_epoch, len(shard) // bs)):
+        for b in range(pos, steps_per_epoch):
             idx = shard[b * bs : (b + 1) * bs]
             x = data.pixels[idx].float() / 255.0
             flip = torch.rand(len(idx)) < 0.5
@@ -122,9 +138,7 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
             x = (x - mean) / std
             for group in opt.param_groups:
                 group["lr"] = warmup_cosine(cfg["lr"], step, warmup, total)
-            img = model.encode_image(x, normalize=True)  # type: ignore[operator]
-            txt = F.normalize(model.text.proj(pooled[caption_ids[idx]]), dim=-1)  # type: ignore[union-attr,operator]
-            scale = model.logit_scale.exp().clamp(max=100)  # type: ignore[union-attr,operator]
+            img, txt, scale = net(x, pooled[caption_ids[idx]])
             loss = multi_positive_loss(img, txt, groups[idx], scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,18 +147,15 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
             loss_avg = loss.item() if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss.item()
             if bar is not None:
                 bar.update(1)
-            last = step == total
-            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or last):
-                torch.save(
-                    {"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
-                    work / (STATE_FILE + ".tmp"),
-                )
-                (work / (STATE_FILE + ".tmp")).replace(state_path)
-                save_checkpoint(model, model_cfg, work / "last", {"step": step})
-                ray.train.report(
-                    {"step": step, "loss": loss_avg},
-                    checkpoint=ray.train.Checkpoint.from_directory(str(work / "last")),
-                )
+            if step % cfg["checkpoint_every"] == 0 or step == total:
+                export = None
+                if rank == 0:
+                    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
+                    save_state(work, state)
+                    save_checkpoint(model, model_cfg, work / "last", {"step": step})
+                    export = work / "last"
+                # Every worker reports (a collective); only rank 0 hands over the checkpoint.
+                report({"step": step, "loss": loss_avg}, export)
             if step >= total:
                 break
     if bar is not None:

@@ -31,9 +31,10 @@ from imagine.models.vision import (
     load_vision_encoder,
     save_vision_checkpoint,
 )
+from trainer.checkpoints import report, resume_state, save_state
 from trainer.datasets import load_train_data
 from trainer.schedule import warmup_cosine
-from trainer.stages import STATE_FILE, _progress
+from trainer.stages import _progress
 
 DEFAULTS: dict[str, Any] = {
     "model_config": "fmnist-vision",
@@ -154,13 +155,10 @@ def vision_stage(cfg: dict[str, Any]) -> None:
     warmup = min(100, total // 10)
 
     step = 0
-    state_path = work / STATE_FILE
-    if cfg["resume"] and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    if state := resume_state(work, cfg["resume"], total):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
-        print(f"resumed from {state_path} at step {step}/{total}")
 
     bar = _progress(total, f"train vision encoder ({objective})") if rank == 0 else None
     if bar is not None:
@@ -192,16 +190,14 @@ def vision_stage(cfg: dict[str, Any]) -> None:
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:
-                checkpoint = None
+                export = None
                 if rank == 0:
-                    tmp = work / (STATE_FILE + ".tmp")
                     state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
-                    torch.save(state, tmp)
-                    tmp.replace(state_path)
+                    save_state(work, state)
                     save_vision_checkpoint(model, model_cfg, work / "last", {"step": step})
-                    checkpoint = ray.train.Checkpoint.from_directory(str(work / "last"))
+                    export = work / "last"
                 # Every worker reports (a collective); only rank 0 hands over the checkpoint.
-                ray.train.report({"step": step, "loss": loss_avg}, checkpoint=checkpoint)
+                report({"step": step, "loss": loss_avg}, export)
             if step >= total:
                 break
     if bar is not None:

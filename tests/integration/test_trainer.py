@@ -48,6 +48,17 @@ def _train(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _assert_matches_each_kind_to_its_caption(checkpoint: Path) -> None:
+    encoder = load_dual_encoder(f"local-dir:{checkpoint}", device="cpu")
+    bright = Image.fromarray(np.pad(np.full((16, 16), 230, np.uint8), 6), mode="L")
+    stripes = np.zeros((28, 28), np.uint8)
+    stripes[:, ::4] = 80
+    img = encoder.encode_images([bright, Image.fromarray(stripes, mode="L")])
+    txt = encoder.encode_text(["a bright square box", "a dark striped scarf"])
+    sims = img @ txt.T
+    assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0], sims
+
+
 def test_trains_on_a_folder_dataset_and_resumes(tmp_path: Path) -> None:
     data = _folder_dataset(tmp_path / "ds")
     out = tmp_path / "ckpt"
@@ -69,14 +80,24 @@ def test_trains_on_a_folder_dataset_and_resumes(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 18
 
-    encoder = load_dual_encoder(f"local-dir:{out}", device="cpu")
-    bright = Image.fromarray(np.pad(np.full((16, 16), 230, np.uint8), 6), mode="L")
-    stripes = np.zeros((28, 28), np.uint8)
-    stripes[:, ::4] = 80
-    img = encoder.encode_images([bright, Image.fromarray(stripes, mode="L")])
-    txt = encoder.encode_text(["a bright square box", "a dark striped scarf"])
-    sims = img @ txt.T
-    assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0], sims
+    _assert_matches_each_kind_to_its_caption(out)
+
+
+def test_two_workers_train_one_dual_encoder_with_ddp(tmp_path: Path) -> None:
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "ckpt"
+    res = _train(
+        [
+            "--dataset", f"folder:{data}", "--model-config", "tiny-dual", "--output", str(out),
+            "--batch-size", "8", "--epochs", "4", "--lr", "3e-3", "--num-workers", "2",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 24  # 96 examples / (8 per batch x 2 workers) x 4
+
+    _assert_matches_each_kind_to_its_caption(out)
 
 
 def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
