@@ -182,7 +182,7 @@ class ImaginePipeline(DiffusionPipeline):
 class RowWorkers:
     """Threads of one intra-op thread each that run a large UNet pass as row chunks at once.
 
-    On a CPU, a pass of many rows ran ~1.1x (in-process) to ~1.25x (in the service, beside other
+    On a CPU, a pass of many rows ran ~1.1x (in-process) to 1.2-1.45x (in the service, beside other
     processes) faster split across ``n`` threads of one intra-op thread each than on one thread
     driving an OpenMP team of ``n``: each chunk stays in cache, and no thread spins at the
     team's barriers for one that another process preempted. Passes of fewer than ``min_rows``
