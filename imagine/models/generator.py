@@ -187,7 +187,8 @@ class RowWorkers:
     driving an OpenMP team of ``n``: each chunk stays in cache, and no thread spins at the
     team's barriers for one that another process preempted. Passes of fewer than ``min_rows``
     rows (one query's: there the team was as fast or faster) run on the calling thread. A
-    sample's result does not depend on its chunk.
+    sample's result does not depend on its chunk. (Measured on 2 cores; with many cores, one
+    row per thread may not beat a few teams.)
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP team size, and also the default a
     thread takes when it first uses torch; the constructor starts its threads at once and gives
@@ -208,11 +209,13 @@ class RowWorkers:
         torch.set_num_threads(caller_threads)
 
     def run(self, fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
-        """``fn(*tensors)``: in ``n`` row chunks on the threads when there are at least
-        ``min_rows`` rows, else on the calling thread."""
-        if self.n == 1 or len(tensors[0]) < self.min_rows:
+        """``fn(*tensors)``: in row chunks on the threads (``n``, or one per row when there
+        are fewer rows) when there are at least ``min_rows`` rows, else on the calling thread."""
+        rows = len(tensors[0])
+        if self.n == 1 or rows < self.min_rows:
             return fn(*tensors)
-        chunks = zip(*(t.tensor_split(self.n) for t in tensors), strict=True)
+        parts = min(self.n, rows)  # no empty chunk
+        chunks = zip(*(t.tensor_split(parts) for t in tensors), strict=True)
         return torch.cat(list(self.pool.map(lambda c: fn(*c), chunks)))
 
     def close(self) -> None:

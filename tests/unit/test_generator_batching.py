@@ -195,6 +195,22 @@ def test_the_loop_with_split_passes_gives_each_query_its_images(
     assert _close(_pixels(shoe.result(0)), _pixels(generator.generate(["a shoe"], 3, 4, 1.0, 9)[0]))
 
 
+def test_fewer_rows_than_threads_make_one_chunk_per_row() -> None:
+    pool = RowWorkers(4, min_rows=2)
+    try:
+        chunks: list[int] = []
+
+        def double(x: torch.Tensor) -> torch.Tensor:
+            chunks.append(len(x))
+            return 2 * x
+
+        out = pool.run(double, torch.arange(3.0))
+        assert sorted(chunks) == [1, 1, 1]  # no empty chunk for the fourth thread
+        assert out.tolist() == [0.0, 2.0, 4.0]
+    finally:
+        pool.close()
+
+
 def test_row_workers_need_a_thread_and_a_positive_threshold() -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         RowWorkers(0)
