@@ -130,13 +130,17 @@ def generator_stage(cfg: dict[str, Any]) -> None:
         step = int(state["step"])
 
     def save(loss: float) -> None:
-        state = {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow}
-        save_state(work, {**state, "step": step})
-        export: Any = build_pipeline(model_cfg, seed=cfg["seed"])
-        export.unet.load_state_dict(unet.state_dict())
-        ema.copy_to([p for p in export.unet.parameters() if p.requires_grad])
-        save_pipeline(export, work / "last", {"step": step})
-        report({"step": step, "loss": loss}, work / "last")
+        last = None
+        if rank == 0:
+            state = {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow}
+            save_state(work, {**state, "step": step})
+            export: Any = build_pipeline(model_cfg, seed=cfg["seed"])
+            export.unet.load_state_dict(unet.state_dict())
+            ema.copy_to([p for p in export.unet.parameters() if p.requires_grad])
+            save_pipeline(export, work / "last", {"step": step})
+            last = work / "last"
+        # Every worker reports (a collective); only rank 0 hands over the checkpoint.
+        report({"step": step, "loss": loss}, last)
 
     bar = _progress(total, "train generator") if rank == 0 else None
     if bar is not None:
@@ -174,7 +178,7 @@ def generator_stage(cfg: dict[str, Any]) -> None:
             loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
             if bar is not None:
                 bar.update(1)
-            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or step == total):
+            if step % cfg["checkpoint_every"] == 0 or step == total:
                 save(loss_avg)
             if step >= total:
                 break

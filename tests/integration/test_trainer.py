@@ -100,6 +100,37 @@ def test_two_workers_train_one_dual_encoder_with_ddp(tmp_path: Path) -> None:
     _assert_matches_each_kind_to_its_caption(out)
 
 
+@pytest.mark.parametrize(
+    ("stage", "config"), [("vision", "tiny-vision"), ("generator", "tiny-generator")]
+)
+def test_two_workers_train_the_vision_and_generator_stages(
+    tmp_path: Path, stage: str, config: str
+) -> None:
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "ckpt"
+    res = _train(
+        [
+            "--stage", stage, "--dataset", f"folder:{data}", "--model-config", config,
+            "--output", str(out), "--batch-size", "8", "--epochs", "1", "--num-workers", "2",
+            "--eval-limit", "32",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]  # (the generator's used to hang here)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 6  # 96 examples / (8 per batch x 2 workers)
+
+
+def test_a_single_worker_stage_refuses_more_workers(tmp_path: Path) -> None:
+    data = _folder_dataset(tmp_path / "ds", n=8)
+    res = _train(
+        ["--stage", "captioner", "--dataset", f"folder:{data}", "--num-workers", "2"], tmp_path
+    )
+    assert res.returncode == 2
+    assert "stage captioner trains on one worker, not 2" in res.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing started
+
+
 def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "manifest.jsonl").write_text('{"image": "missing.png", "caption": "x"}\n')
