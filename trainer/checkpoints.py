@@ -1,7 +1,9 @@
-"""What every training stage does with its state: resume it, save it atomically, report it."""
+"""What every training stage does with its state: resume it, save it atomically, and at each
+checkpoint step export it and report to Ray Train."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,21 @@ def save_state(work: Path, state: dict[str, Any]) -> None:
     tmp.replace(work / STATE_FILE)
 
 
-def report(metrics: dict[str, Any], export: Path | None) -> None:
-    """``metrics`` to Ray Train, with ``export`` (a servable checkpoint directory, or None on
-    the workers that do not hand one over) as the checkpoint."""
+def checkpoint(
+    work: Path,
+    rank: int,
+    metrics: dict[str, Any],
+    state: dict[str, Any],
+    export: Callable[[Path], object],
+) -> None:
+    """A checkpoint step: rank 0 saves the training ``state`` and ``export``s the servable
+    model to ``work/last``; then every worker reports ``metrics`` (Ray Train's report is a
+    collective), rank 0 handing over ``work/last`` as the checkpoint."""
     import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(export)) if export else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    handed = None
+    if rank == 0:
+        save_state(work, state)
+        export(work / "last")
+        handed = ray.train.Checkpoint.from_directory(str(work / "last"))
+    ray.train.report(metrics, checkpoint=handed)

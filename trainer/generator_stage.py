@@ -33,7 +33,7 @@ from imagine.models.generator import (
     to_model_space,
 )
 from imagine.models.registry import get_model_config
-from trainer.checkpoints import report, resume_state, save_state
+from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import TrainData, load_train_data
 from trainer.schedule import warmup_cosine
 from trainer.stages import _progress
@@ -129,18 +129,12 @@ def generator_stage(cfg: dict[str, Any]) -> None:
         ema.shadow = [s.clone() for s in state["ema"]]
         step = int(state["step"])
 
-    def save(loss: float) -> None:
-        last = None
-        if rank == 0:
-            state = {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow}
-            save_state(work, {**state, "step": step})
-            export: Any = build_pipeline(model_cfg, seed=cfg["seed"])
-            export.unet.load_state_dict(unet.state_dict())
-            ema.copy_to([p for p in export.unet.parameters() if p.requires_grad])
-            save_pipeline(export, work / "last", {"step": step})
-            last = work / "last"
-        # Every worker reports (a collective); only rank 0 hands over the checkpoint.
-        report({"step": step, "loss": loss}, last)
+    def export(last: Path) -> None:
+        """The EMA weights as a servable pipeline."""
+        pipeline: Any = build_pipeline(model_cfg, seed=cfg["seed"])
+        pipeline.unet.load_state_dict(unet.state_dict())
+        ema.copy_to([p for p in pipeline.unet.parameters() if p.requires_grad])
+        save_pipeline(pipeline, last, {"step": step})
 
     bar = _progress(total, "train generator") if rank == 0 else None
     if bar is not None:
@@ -179,7 +173,9 @@ def generator_stage(cfg: dict[str, Any]) -> None:
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:
-                save(loss_avg)
+                state = {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow}
+                metrics = {"step": step, "loss": loss_avg}
+                checkpoint(work, rank, metrics, {**state, "step": step}, export)
             if step >= total:
                 break
     if bar is not None:

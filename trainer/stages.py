@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from imagine.models.dual_encoder import DualEncoder, build_clip, save_checkpoint
 from imagine.models.registry import get_model_config
-from trainer.checkpoints import report, resume_state, save_state
+from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import TrainData, load_train_data
 from trainer.schedule import warmup_cosine
 
@@ -148,14 +149,13 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:
-                export = None
-                if rank == 0:
-                    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
-                    save_state(work, state)
-                    save_checkpoint(model, model_cfg, work / "last", {"step": step})
-                    export = work / "last"
-                # Every worker reports (a collective); only rank 0 hands over the checkpoint.
-                report({"step": step, "loss": loss_avg}, export)
+                checkpoint(
+                    work,
+                    rank,
+                    {"step": step, "loss": loss_avg},
+                    {"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
+                    partial(save_checkpoint, model, model_cfg, manifest={"step": step}),
+                )
             if step >= total:
                 break
     if bar is not None:

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from imagine.models.vision import (
     load_vision_encoder,
     save_vision_checkpoint,
 )
-from trainer.checkpoints import report, resume_state, save_state
+from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import load_train_data
 from trainer.schedule import warmup_cosine
 from trainer.stages import _progress
@@ -190,14 +191,13 @@ def vision_stage(cfg: dict[str, Any]) -> None:
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:
-                export = None
-                if rank == 0:
-                    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
-                    save_state(work, state)
-                    save_vision_checkpoint(model, model_cfg, work / "last", {"step": step})
-                    export = work / "last"
-                # Every worker reports (a collective); only rank 0 hands over the checkpoint.
-                report({"step": step, "loss": loss_avg}, export)
+                checkpoint(
+                    work,
+                    rank,
+                    {"step": step, "loss": loss_avg},
+                    {"model": model.state_dict(), "opt": opt.state_dict(), "step": step},
+                    partial(save_vision_checkpoint, model, model_cfg, manifest={"step": step}),
+                )
             if step >= total:
                 break
     if bar is not None:
