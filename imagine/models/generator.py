@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,9 +192,12 @@ class RowWorkers:
     sample's result does not depend on its chunk. (Measured on 2 cores; with many cores, one
     row per thread may not beat a few teams.)
 
-    ``torch.set_num_threads`` sets the calling thread's OpenMP team size, and also the default a
-    thread takes when it first uses torch; the constructor starts its threads at once and gives
-    that default back to the caller's thread count.
+    The threads live for one pass only. A thread that has run OpenMP code counts for libgomp
+    until it exits, and once libgomp counts more threads than cores it stops spinning at
+    barriers and sleeps instead: kept alive between passes, two such threads made every later
+    pass of the caller's team (one query's) ~1.8x slower. Starting them costs ~0.3 ms a pass.
+    ``torch.set_num_threads(1)`` in a worker also sets the default a new thread takes, so the
+    caller's count is set back after every split pass.
     """
 
     def __init__(self, n: int, min_rows: int = 16) -> None:
@@ -202,30 +205,42 @@ class RowWorkers:
             raise ValueError("RowWorkers needs at least one thread and min_rows >= 1")
         self.n = n
         self.min_rows = min_rows
-        caller_threads = torch.get_num_threads()
-        self.pool = ThreadPoolExecutor(
-            n, thread_name_prefix="unet-rows", initializer=_one_intra_op_thread
-        )
-        started = threading.Barrier(n)  # n tasks that wait for each other: n threads
-        list(self.pool.map(lambda _: started.wait(timeout=60), range(n)))
-        torch.set_num_threads(caller_threads)
 
     def run(self, fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
         """``fn(*tensors)``: in row chunks on the threads (``n``, or one per row when there
-        are fewer rows) when there are at least ``min_rows`` rows, else on the calling thread."""
+        are fewer rows) when there are at least ``min_rows`` rows, else on the calling thread.
+        A chunk's exception is raised here once every thread has ended."""
         rows = len(tensors[0])
         if self.n == 1 or rows < self.min_rows:
             return fn(*tensors)
         parts = min(self.n, rows)  # no empty chunk
-        chunks = zip(*(t.tensor_split(parts) for t in tensors), strict=True)
-        return torch.cat(list(self.pool.map(lambda c: fn(*c), chunks)))
+        chunks = list(zip(*(t.tensor_split(parts) for t in tensors), strict=True))
+        results: list[Any] = [None] * parts
+        errors: list[BaseException] = []
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        def work(i: int) -> None:
+            torch.set_num_threads(1)
+            try:
+                results[i] = fn(*chunks[i])
+            except BaseException as exc:  # raised on the caller
+                errors.append(exc)
 
-
-def _one_intra_op_thread() -> None:
-    torch.set_num_threads(1)
+        caller_threads = torch.get_num_threads()
+        threads = [
+            threading.Thread(target=work, args=(i,), name=f"unet-rows_{i}", daemon=True)
+            for i in range(parts)
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+        finally:
+            for thread in threads:
+                if thread.ident is not None:
+                    thread.join()
+            torch.set_num_threads(caller_threads)
+        if errors:
+            raise errors[0]
+        return torch.cat(results)
 
 
 # -- text conditioning ------------------------------------------------------------------------
@@ -427,9 +442,10 @@ class DenoisingLoop:
 
     The caller drives it, one :meth:`run_pass` at a time, from the thread that submits (it is
     not thread-safe). The Generator deployment runs the passes on its event loop, which also
-    loaded the model: a UNet pass on another thread ran 1.5-1.9x slower here, OpenMP's spinning
-    thread team being the loading thread's. ``workers`` (:class:`RowWorkers`) run a large pass
-    as row chunks on threads of one intra-op thread each, which need no team.
+    loaded the model: a UNet pass on another thread ran 1.5-1.9x slower here, two threads then
+    keeping OpenMP teams, so that libgomp sleeps at barriers instead of spinning (see
+    :class:`RowWorkers`). ``workers`` run a large pass as row chunks on threads of one
+    intra-op thread each, which need no team.
 
     A query's images depend only on its own prompt and seed (up to float rounding in the
     batched kernels), as with :meth:`Generator.generate`.

@@ -4,6 +4,7 @@ shared denoising loop lets queries join and leave it between UNet passes."""
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,9 +138,7 @@ def test_bad_calls_are_clear_errors_and_fail_ends_every_query(generator: Generat
 def workers() -> Iterator[RowWorkers]:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    pool = RowWorkers(2, min_rows=8)
-    yield pool
-    pool.close()
+    yield RowWorkers(2, min_rows=8)
     torch.set_num_threads(before)
 
 
@@ -196,19 +195,49 @@ def test_the_loop_with_split_passes_gives_each_query_its_images(
 
 
 def test_fewer_rows_than_threads_make_one_chunk_per_row() -> None:
-    pool = RowWorkers(4, min_rows=2)
-    try:
-        chunks: list[int] = []
+    chunks: list[int] = []
 
-        def double(x: torch.Tensor) -> torch.Tensor:
-            chunks.append(len(x))
-            return 2 * x
+    def double(x: torch.Tensor) -> torch.Tensor:
+        chunks.append(len(x))
+        return 2 * x
 
-        out = pool.run(double, torch.arange(3.0))
-        assert sorted(chunks) == [1, 1, 1]  # no empty chunk for the fourth thread
-        assert out.tolist() == [0.0, 2.0, 4.0]
-    finally:
-        pool.close()
+    out = RowWorkers(4, min_rows=2).run(double, torch.arange(3.0))
+    assert sorted(chunks) == [1, 1, 1]  # no empty chunk for the fourth thread
+    assert out.tolist() == [0.0, 2.0, 4.0]
+
+
+def _os_threads() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def test_a_split_pass_leaves_no_thread_behind(generator: Generator, workers: RowWorkers) -> None:
+    # A thread that ran OpenMP code counts for libgomp until it exits; with more such threads
+    # than cores, the caller's team sleeps at its barriers instead of spinning (~1.8x slower).
+    loop = DenoisingLoop(generator, max_jobs=4, workers=workers)
+    loop.submit("a bag", 2, 2, 2.0, 5)
+    _drain(loop)  # warm: the caller's own OpenMP team exists now
+    before = _os_threads()
+    bag, shoe = loop.submit("a bag", 2, 3, 2.0, 6), loop.submit("a shoe", 2, 3, 2.0, 7)
+    _drain(loop)  # 8 rows a pass: split
+    assert bag.result(0) and shoe.result(0)
+    assert _os_threads() <= before
+    assert not [t for t in threading.enumerate() if t.name.startswith("unet-rows")]
+    seen: list[int] = []  # a new thread still takes the caller's thread count
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    assert seen == [2] and torch.get_num_threads() == 2 and _team_size() == 2
+
+
+def test_a_failing_chunk_fails_the_pass_after_every_thread_ended() -> None:
+    def fail_on_the_second_half(x: torch.Tensor) -> torch.Tensor:
+        if x[0] >= 2:
+            raise RuntimeError("chunk failed")
+        return x
+
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        RowWorkers(2, min_rows=2).run(fail_on_the_second_half, torch.arange(4.0))
+    assert not [t for t in threading.enumerate() if t.name.startswith("unet-rows")]
 
 
 def test_row_workers_need_a_thread_and_a_positive_threshold() -> None:
