@@ -5,7 +5,8 @@
   the index owner), from the request to the job's end; against the same models run in-process
   on the same files (read, decode, compute every stored vector and the caption; no services,
   no index).
-- Fused query: latency cold (K images generated) and cached, and 1/4/16 concurrent queries.
+- Fused query: latency cold (K images generated) and cached, 1/4/16 concurrent queries, and
+  cold again after those (a large pass must not slow the small ones after it).
 - Query: p50/p95 latency of a text Search over gRPC against the same query in-process (encode
   the text, search an embedded Qdrant holding the same vectors).
 
@@ -159,6 +160,17 @@ def fused_benchmarks(client: Any, text_ms: list[float]) -> list[tuple[str, str, 
                 f"{wall / 1e3:.1f} s; {sequential_ms / wall:.1f}x one after another",
             )
         )
+    # Single queries again, after the concurrent runs: a large pass must not leave anything
+    # behind that slows the next small ones (threads kept alive by split passes once did).
+    after = [_timed(lambda i=i: fused(QUERIES[i % len(QUERIES)], 9000 + i)) for i in range(10)]
+    slower = percentile(after, 50) / percentile(cold, 50)
+    rows.append(
+        (
+            "fused query over gRPC, cold, after the concurrent runs",
+            f"p50 {percentile(after, 50):.0f} ms",
+            f"p95 {percentile(after, 95):.0f} ms; {slower:.2f}x the cold p50 before",
+        )
+    )
     return rows
 
 
