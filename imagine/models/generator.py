@@ -144,7 +144,7 @@ class ImaginePipeline(DiffusionPipeline):
         samples with guidance != 1. Float32 out, whatever the UNet's precision. ``workers``
         split a large pass into row chunks run at once (see :class:`RowWorkers`)."""
         # The UNet's own parameter, not ``self.device``: DiffusionPipeline.device walks every
-        # module of every component, which cost ~11 ms a pass (a third of one query's pass).
+        # module of every component, which cost ~11 ms a pass (a quarter of one query's pass).
         weight = next(self.unet.parameters())
         device, dtype = weight.device, weight.dtype
         n = len(sample)
