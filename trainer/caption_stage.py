@@ -15,7 +15,6 @@ is fine-tuned at ``visual_lr_scale`` times the learning rate; the copy is saved 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from imagine.models.captioner import (
     save_captioner,
 )
 from trainer.checkpoints import resume_state, save_state
-from trainer.schedule import warmup_cosine
+from trainer.schedule import running_loss, warmup_cosine
 
 
 def caption_data(
@@ -171,7 +170,7 @@ def caption_stage(cfg: dict[str, Any]) -> None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             step += 1
-            xe_loss = loss.item() if math.isnan(xe_loss) else 0.95 * xe_loss + 0.05 * loss.item()
+            xe_loss = running_loss(xe_loss, loss.item())
             bar.update(1)
             if step % cfg["checkpoint_every"] == 0:
                 checkpoint()

@@ -13,7 +13,6 @@ held-out Fashion-MNIST subset; it reports per-class AP and their mean (generated
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from imagine.models.generator import (
 from imagine.models.registry import get_model_config
 from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import TrainData, load_train_data
-from trainer.schedule import warmup_cosine
+from trainer.schedule import running_loss, warmup_cosine
 from trainer.stages import _progress
 
 DEFAULT_DUAL = "local-dir:checkpoints/fmnist-dual"
@@ -169,7 +168,7 @@ def generator_stage(cfg: dict[str, Any]) -> None:
             opt.step()
             ema.update(step)
             step += 1
-            loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
+            loss_avg = running_loss(loss_avg, loss.item(), share=0.02)
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:

@@ -9,7 +9,6 @@ The locked text transformer's pooled features are computed once per distinct cap
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -24,7 +23,7 @@ from imagine.models.dual_encoder import DualEncoder, build_clip, save_checkpoint
 from imagine.models.registry import get_model_config
 from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import TrainData, load_train_data
-from trainer.schedule import warmup_cosine
+from trainer.schedule import running_loss, warmup_cosine
 
 
 def multi_positive_loss(
@@ -145,7 +144,7 @@ def dual_encoder_stage(cfg: dict[str, Any]) -> None:
             loss.backward()
             opt.step()
             step += 1
-            loss_avg = loss.item() if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss.item()
+            loss_avg = running_loss(loss_avg, loss.item())
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:

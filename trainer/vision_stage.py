@@ -13,7 +13,6 @@ horizontal flip and brightness for SimCLR; horizontal flip only for supervised t
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from functools import partial
@@ -34,7 +33,7 @@ from imagine.models.vision import (
 )
 from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import load_train_data
-from trainer.schedule import warmup_cosine
+from trainer.schedule import running_loss, warmup_cosine
 from trainer.stages import _progress
 
 DEFAULTS: dict[str, Any] = {
@@ -187,7 +186,7 @@ def vision_stage(cfg: dict[str, Any]) -> None:
             loss.backward()
             opt.step()
             step += 1
-            loss_avg = loss.item() if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss.item()
+            loss_avg = running_loss(loss_avg, loss.item())
             if bar is not None:
                 bar.update(1)
             if step % cfg["checkpoint_every"] == 0 or step == total:
