@@ -55,9 +55,10 @@ def _setup(torch_threads: int) -> None:
 
     from imagine.config import load_client_settings
     from imagine.observability import set_request_id_source
-    from imagine.runtime import quiet_environment, setup_logging
+    from imagine.runtime import keep_freed_memory, quiet_environment, setup_logging
 
     quiet_environment()
+    keep_freed_memory()  # a large batch's activations would page-fault on every pass
     common = load_client_settings()  # the log settings every process shares
     setup_logging(common.log_level, common.log_format)
     set_request_id_source(serve_request_id)
