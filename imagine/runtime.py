@@ -43,6 +43,11 @@ _M_MMAP_THRESHOLD = -3
 MAX_HEAP_BLOCK = 32 << 20
 
 
+def uses_glibc() -> bool:
+    """This process's C library is glibc (whose malloc :func:`keep_freed_memory` tunes)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory(max_block: int = MAX_HEAP_BLOCK) -> bool:
     """Have glibc keep freed memory for the next allocation instead of returning it to the OS.
 
@@ -55,7 +60,7 @@ def keep_freed_memory(max_block: int = MAX_HEAP_BLOCK) -> bool:
     made ~200,000 faults instead of ~800,000. Blocks up to ``max_block`` then come from the heap,
     and the heap is never trimmed, so the process keeps its peak heap. (A thread's own arena
     still unmaps a heap that empties completely.) A no-op returning False off glibc."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not uses_glibc():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

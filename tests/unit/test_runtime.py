@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from imagine.runtime import uses_glibc
 
 # A model pass's activations: blocks of several MiB, all live at once, freed at the end of the
 # pass, then the same again. Prints the minor page faults of each pass.
@@ -26,10 +27,7 @@ for _ in range(8):
 print(json.dumps(faults))
 """
 
-glibc = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="glibc's malloc only",
-)
+glibc = pytest.mark.skipif(not uses_glibc(), reason="glibc's malloc only")
 
 
 def _faults_per_pass(mode: str) -> list[int]:
