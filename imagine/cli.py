@@ -384,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--mode", default="", choices=["", "text", "generated", "fused"], help="default: fused"
     )
-    s.add_argument("--aggregation", default="", choices=["", "attention", "mean"])
+    s.add_argument(
+        "--aggregation",
+        default="",
+        choices=["", "attention", "mean"],
+        help="default: the served aggregator's own; attention needs an attention aggregator",
+    )
     s.add_argument("--generated", type=int, default=0, help="K generated images (0: default)")
     s.add_argument("--steps", type=int, default=0, help="denoising steps (0: default)")
     s.add_argument("--seed", type=int, default=0)

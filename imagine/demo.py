@@ -80,6 +80,7 @@ def evaluate_paths(
     from imagine.reports import bar_chart, comparison_table, write_json
 
     reports: dict[str, CategoryReport] = {}
+    not_run: dict[str, str] = {}  # path -> why the server cannot run it
     for name, options in EVAL_PATHS.items():
         if text_only and name != "text":
             break
@@ -88,10 +89,12 @@ def evaluate_paths(
         except grpc.RpcError as exc:
             if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
                 raise
-            print(f"    (only the text path: {exc.details()})")  # type: ignore[attr-defined]
-            break
+            not_run[name] = exc.details()  # type: ignore[attr-defined]
     print(comparison_table(reports))
-    json_path = write_json(reports, out_dir / "eval.json", collection=collection)
+    for why in dict.fromkeys(not_run.values()):  # one line per reason
+        names = ", ".join(n for n, w in not_run.items() if w == why)
+        print(f"    not run: {names}: {why}")
+    json_path = write_json(reports, out_dir / "eval.json", collection=collection, not_run=not_run)
     chart = bar_chart(reports, out_dir / "eval.png", f"category retrieval, {collection}")
     print(f"    wrote {json_path} and {chart}")
     if len(reports) > 1:

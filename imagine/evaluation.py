@@ -103,7 +103,8 @@ def evaluate_paths_in_process(
     batch_size: int = 512,
 ) -> dict[str, CategoryReport]:
     """Category reports of every path with no services around the models: text, generated
-    (mean and attention aggregator) and fused with the aggregator's learned weight."""
+    (mean, and the attention aggregator when ``aggregator`` is one) and fused with the
+    aggregator's learned weight."""
     from imagine.fusion import fuse
 
     m: dict[str, object] = {"dual": dual, "vision": vision, "gen": generator, "agg": aggregator}
@@ -130,17 +131,14 @@ def evaluate_paths_in_process(
     emb = np.stack([encode(m["vision"], imgs) for imgs in generated])  # (Q, K, D)
     mean = emb.mean(axis=1)
     mean /= np.linalg.norm(mean, axis=1, keepdims=True)
-    attention = m["agg"].aggregate(emb)  # type: ignore[attr-defined]
     lam = float(m["agg"].fusion_weight)  # type: ignore[attr-defined]
-    scores = {
-        "text": text,
-        "generated (mean)": mean @ visual.T,
-        "generated (attention)": attention @ visual.T,
-    }
-    scores["fused"] = fuse(
-        {"text": text, "generated": scores["generated (attention)"]},
-        {"text": 1 - lam, "generated": lam},
-    )
+    scores = {"text": text, "generated (mean)": mean @ visual.T}
+    if m["agg"].mode == "attention":  # type: ignore[attr-defined]
+        attention = m["agg"].aggregate(emb)  # type: ignore[attr-defined]
+        scores["generated (attention)"] = attention @ visual.T
+    # fused with the aggregator's own path, as the service fuses by default
+    own = scores.get("generated (attention)", scores["generated (mean)"])
+    scores["fused"] = fuse({"text": text, "generated": own}, {"text": 1 - lam, "generated": lam})
     return {name: report_from_scores(s, labels, ql) for name, s in scores.items()}
 
 

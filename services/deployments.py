@@ -324,13 +324,17 @@ class Aggregator:
         return {
             "model_version": self.aggregator.model_version,
             "fusion_weight": float(self.aggregator.fusion_weight),
+            "mode": self.aggregator.mode,  # attention or mean
         }
 
     def aggregate(self, embeddings: np.ndarray, mode: str) -> np.ndarray:
-        """``mode`` "attention" uses the trained aggregator, "mean" the normalised mean."""
-        if mode == "mean" or self.aggregator.mode == "mean":
+        """``mode`` "attention" uses the trained attention aggregator (the query service asks
+        for it only when that is what is loaded), "mean" the normalised mean."""
+        if mode == "mean":
             mean = np.asarray(embeddings, dtype=np.float32).mean(axis=0)
             return mean / max(float(np.linalg.norm(mean)), 1e-12)
+        if self.aggregator.mode != mode:
+            raise ValueError(f"aggregator {self.aggregator.model_version} cannot do {mode!r}")
         return self.aggregator.aggregate(embeddings[None])[0]
 
 

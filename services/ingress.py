@@ -256,7 +256,10 @@ class Ingress:
                 generator,
                 aggregator,
                 GenerativeInfo(
-                    ginfo["model_version"], ainfo["model_version"], ainfo["fusion_weight"]
+                    ginfo["model_version"],
+                    ainfo["model_version"],
+                    ainfo["fusion_weight"],
+                    ainfo["mode"],
                 ),
             )
         encoders = HandleEncoders(text, image, vision)

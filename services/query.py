@@ -76,6 +76,7 @@ class GenerativeInfo:
     generator_version: str
     aggregator_version: str
     fusion_weight: float  # l = sigmoid(p), the generated path's weight
+    aggregator_mode: str  # what the loaded aggregator is: "attention" or "mean"
 
 
 class Generative(Protocol):
@@ -123,7 +124,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 _AGGREGATION = {
-    ret_pb.AGGREGATION_UNSPECIFIED: "attention",
+    ret_pb.AGGREGATION_UNSPECIFIED: "",  # the loaded aggregator's own
     ret_pb.AGGREGATION_ATTENTION: "attention",
     ret_pb.AGGREGATION_MEAN: "mean",
 }
@@ -376,7 +377,16 @@ class QueryEngine:
             raise BadRequest(f"guidance {guidance} is outside (0, {MAX_GUIDANCE}]")
         if req.aggregation not in _AGGREGATION:
             raise BadRequest(f"unknown aggregation {req.aggregation}")
-        return k, steps, float(guidance), _AGGREGATION[req.aggregation]
+        loaded = self.generative.info if self.generative else None
+        aggregation = _AGGREGATION[req.aggregation] or (loaded.aggregator_mode if loaded else "")
+        if aggregation == "attention" and loaded and loaded.aggregator_mode != "attention":
+            # Asked for by name, the CLE-TIR aggregator is never silently replaced by the mean.
+            raise ModelVersionMismatch(
+                f"aggregator {loaded.aggregator_version} is {loaded.aggregator_mode} pooling, "
+                "not an attention aggregator: use AGGREGATION_MEAN (or unspecified), or serve "
+                "a trained attention aggregator (IMAGINE_AGGREGATOR_MODEL)"
+            )
+        return k, steps, float(guidance), aggregation
 
     async def _generated_query(
         self, text: str, sampling: tuple[int, int, float, str], seed: int, t: dict[str, float]

@@ -91,9 +91,17 @@ def test_mean_and_attention_aggregation_and_weight_overrides(
         mean = c.search(
             "a shoe", collection=collection, top_k=5, mode="generated", aggregation="mean"
         )
+        own = c.search("a shoe", collection=collection, top_k=5, mode="generated")
+        named = c.search(
+            "a shoe", collection=collection, top_k=5, mode="generated", aggregation="attention"
+        )
     assert [h.id for h in forced.hits] == [h.id for h in text_only.hits]
     assert dict(forced.weights) == {"text": 1.0}
     assert set(mean.hits[0].path_scores) == {"generated"}
+    # the stack serves an attention aggregator: asked for by name it is the default one
+    # (a mean-pooling aggregator refuses it: tests/e2e/test_demo.py)
+    assert named.cache_hit and not own.cache_hit
+    assert [(h.id, h.score) for h in named.hits] == [(h.id, h.score) for h in own.hits]
 
 
 def test_generate_rpc_returns_deterministic_pngs(gen_stack: Stack) -> None:

@@ -504,3 +504,37 @@ def test_default_checkpoint_loads_and_records_its_evaluation() -> None:
     assert enc.dim == 128 and enc.model_version == manifest["model_version"]
     assert manifest["data_fingerprint"] and manifest["metrics"]["mAP"] > 0.5
     _assert_unit_float32(enc.encode_images(_images()), (3, 128))
+
+
+@pytest.mark.parametrize("mode", ["mean", "attention"])
+def test_in_process_evaluation_reports_the_attention_path_only_for_an_attention_aggregator(
+    mode: str,
+) -> None:
+    from imagine.evaluation import evaluate_paths_in_process
+    from imagine.models.dual_encoder import load_dual_encoder
+    from imagine.models.generator import load_generator
+
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 256, size=(28, 28), dtype=np.uint8), mode="L")
+        for _ in range(12)
+    ]
+    agg = new_aggregator(mode, dim=16 if mode == "attention" else None)
+    if agg.module.attention is not None:
+        _randomise(agg.module.attention)  # no longer the mean
+    reports = evaluate_paths_in_process(
+        load_dual_encoder("config:tiny-dual", device="cpu"),
+        load_vision_encoder("config:tiny-vision", device="cpu"),
+        load_generator("config:tiny-generator", device="cpu"),
+        agg,
+        images,
+        ["a", "b", "c"] * 4,
+        {"a": "a bag", "b": "a shoe", "c": "a coat"},
+        num_generated=2,
+        steps=2,
+    )
+    paths = ["text", "generated (mean)", "fused"]
+    if mode == "attention":  # a column of its own, not the mean under another name
+        paths.insert(2, "generated (attention)")
+        assert reports["generated (attention)"].ap != reports["generated (mean)"].ap
+    assert list(reports) == paths
