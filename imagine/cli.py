@@ -430,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # The trainer has its own parser; argparse's REMAINDER would reject the options
+        # (``imagine train --stage generator``: "unrecognized arguments").
+        from trainer.main import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
