@@ -108,6 +108,8 @@ def aggregator_stage(cfg: dict[str, Any]) -> None:
         mode=cfg.get("mode", "attention"),
         epochs=int(cfg["epochs"]),
         lr=cfg["lr"],
+        batch_size=int(cfg["batch_size"]),
+        weight_decay=float(cfg["weight_decay"]),
         seed=cfg["seed"],
     )
     aggregator.save(work / "last", {"stage": "aggregator"})

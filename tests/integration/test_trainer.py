@@ -37,10 +37,12 @@ def _folder_dataset(root: Path, n: int = 96) -> Path:
     return root
 
 
-def _train(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+def _train(
+    args: list[str], data_dir: Path, entry: tuple[str, ...] = ("trainer",)
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "IMAGINE_DATA_DIR": str(data_dir), "IMAGINE_PLAIN_PROGRESS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "trainer", *args],
+        [sys.executable, "-m", *entry, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -172,3 +174,37 @@ def test_caption_stage_learns_the_captions_of_a_folder_dataset(tmp_path: Path) -
     stripes[:, ::4] = 80
     caps = captioner.caption([bright, Image.fromarray(stripes, mode="L")], "beam", beam_size=2)
     assert [c.text for c in caps] == ["a bright square box", "a dark striped scarf"], caps
+
+
+def test_the_aggregator_stage_trains_an_attention_aggregator_with_its_weight_decay(
+    tmp_path: Path,
+) -> None:
+    """``imagine train --stage aggregator`` as the README writes it, on tiny models; the
+    configured weight decay reaches the attention weights (it used to be dropped)."""
+    from imagine.models.aggregator import load_aggregator
+
+    data = _folder_dataset(tmp_path / "ds", n=32)
+    norms = {}
+    for decay in ("0", "30"):
+        out = tmp_path / f"agg-{decay}"
+        res = _train(
+            [
+                "--stage", "aggregator", "--dataset", f"folder:{data}", "--output", str(out),
+                "--epochs", "5", "--weight-decay", decay, "--set", "mode=attention",
+                "--set", "dual_model=config:tiny-dual", "--set", "vision_model=config:tiny-vision",
+                "--set", "generator_model=config:tiny-generator", "--set", "steps=2",
+                "--set", "num_generated=2", "--set", "gallery=16",
+            ],
+            tmp_path,
+            entry=("imagine.cli", "train"),
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["config"]["weight_decay"] == float(decay)
+        assert manifest["training"]["fit_metrics"]["mode"] == "attention"
+        agg = load_aggregator(f"local-dir:{out}")
+        assert agg.mode == "attention"
+        attention = agg.module.attention
+        assert attention is not None
+        norms[decay] = sum(float((p.detach() ** 2).sum()) for p in attention.parameters())
+    assert norms["30"] < 0.8 * norms["0"], norms
