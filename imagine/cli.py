@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +96,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop()
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+# Commands whose arguments go, unparsed, to a parser of their own (argparse's REMAINDER would
+# reject them: ``imagine train --stage generator`` gave "unrecognized arguments").
+def _worker_main(argv: list[str]) -> int:
     from workers.__main__ import main as worker_main
 
-    return worker_main(args.celery_args)
+    return worker_main(argv)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_main(argv: list[str]) -> int:
     from trainer.main import main as train_main
 
-    return train_main(args.train_args)
+    return train_main(argv)
+
+
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
+    "worker": _worker_main,
+    "train": _train_main,
+}
 
 
 # -- client commands --------------------------------------------------------------------------
@@ -343,13 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-worker", action="store_true", help="do not start a Celery worker")
     s.set_defaults(fn=cmd_serve)
 
-    s = sub.add_parser("worker", help="run a Celery ingestion worker (cluster profile)")
-    s.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra celery worker options")
-    s.set_defaults(fn=cmd_worker)
+    # listed here for --help; main() hands their arguments to their own parsers (PASSTHROUGH)
+    sub.add_parser("worker", help="run a Celery ingestion worker (cluster profile; celery options)")
 
-    s = sub.add_parser("train", help="train a model with Ray Train (see `imagine train --help`)")
-    s.add_argument("train_args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_train)
+    sub.add_parser("train", help="train a model with Ray Train (see `imagine train --help`)")
 
     s = sub.add_parser("ingest", help="ingest a folder or s3://bucket/prefix into a collection")
     s.add_argument("source")
@@ -431,12 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        # The trainer has its own parser; argparse's REMAINDER would reject the options
-        # (``imagine train --stage generator``: "unrecognized arguments").
-        from trainer.main import main as train_main
-
-        return train_main(argv[1:])
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        return int(PASSTHROUGH[argv[0]](argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
