@@ -536,8 +536,15 @@ class QdrantIndex:
         plan = self._pool_plan(path, weights, limit, candidates, using, query)
         with self._lock:
             name = self._require(name)
-            (res,) = self._client.query_batch_points(
-                name, requests=[_pool_request(plan, _filter(filters))]
+            # query_points, not a batch of one: the same request, ~0.2 ms less client work
+            res = self._client.query_points(
+                name,
+                query=plan.query,
+                using=plan.vector,
+                query_filter=_filter(filters),
+                limit=plan.size,
+                with_payload=False,
+                with_vectors=plan.others or False,
             )
         return plan.read(res.points)
 
@@ -563,11 +570,17 @@ class QdrantIndex:
             query = _unit(np.asarray(queries[p], dtype=np.float32))
             own = pools[p].scores
             column = np.zeros(len(ids), dtype=np.float32)
+            rows, carried = [], []
             for i, pid in enumerate(ids):
                 if pid in own:
                     column[i] = own[pid]
                 elif (vec := _carried(pools, pid, vector_of[p])) is not None:
-                    column[i] = float(_unit(vec) @ query)
+                    rows.append(i)
+                    carried.append(vec)
+            if carried:  # the others' candidates, scored on this path in one product
+                vectors = np.stack(carried).astype(np.float32, copy=False)
+                norms = np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+                column[rows] = (vectors @ query) / norms
             per_path[p] = column
         fused = fuse(per_path, {p: weights[p] for p in paths})
         order = np.argsort(-fused, kind="stable")[:limit]
