@@ -2,8 +2,9 @@
 vector arrives, the last one's and the ranking in one hop, and a failing path's own error.
 
 The encoders and the generator are stand-ins that return fixed vectors (the models are tested
-elsewhere; tests/integration/test_generative.py runs all of it over gRPC); one of them fails on
-purpose, a fault the real services do not produce on demand."""
+elsewhere; tests/integration/test_generative.py runs all of it over gRPC). The text encoder and
+the index's candidate fetch fail on purpose in two tests: faults the real services do not
+produce on demand."""
 
 from __future__ import annotations
 
