@@ -536,15 +536,17 @@ class QdrantIndex:
         plan = self._pool_plan(path, weights, limit, candidates, using, query)
         with self._lock:
             name = self._require(name)
-            # query_points, not a batch of one: the same request, ~0.2 ms less client work
+            # the batch's request through query_points: ~0.2 ms less client work than a batch
+            # of one
+            r = _pool_request(plan, _filter(filters))
             res = self._client.query_points(
                 name,
-                query=plan.query,
-                using=plan.vector,
-                query_filter=_filter(filters),
-                limit=plan.size,
-                with_payload=False,
-                with_vectors=plan.others or False,
+                query=r.query,
+                using=r.using,
+                query_filter=r.filter,
+                limit=r.limit,
+                with_payload=r.with_payload,
+                with_vectors=r.with_vector,
             )
         return plan.read(res.points)
 
