@@ -48,8 +48,11 @@ def _drain(loop: DenoisingLoop) -> None:
 
 
 def _close(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    """Equal up to float rounding of batched kernels: at most one grey level."""
-    return all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(a, b, strict=True))
+    """Equal up to float rounding of batched kernels, which 20 steps of this random UNet
+    amplify: on an AVX2-only CPU, 3 grey levels in one pixel and 0.07 on average (at most 1 on
+    an AVX-512 one). Another seed or prompt differs by more than 5 on average."""
+    diffs = [np.abs(x.astype(int) - y.astype(int)) for x, y in zip(a, b, strict=True)]
+    return all(d.max() <= 4 and d.mean() < 0.25 for d in diffs)
 
 
 def test_a_query_joins_the_running_loop_and_gets_its_images_alone(generator: Generator) -> None:
