@@ -223,9 +223,11 @@ def start_stack(
     return stack
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The embedded stack with the filesystem:// broker, shared by the integration tests."""
+    """The embedded stack with the filesystem:// broker, shared by a module's tests. Stopped
+    after the module: an idle Ray cluster kept to the session's end took CPU from every later
+    test (the grpc_api module alone uses it)."""
     s = start_stack(tmp_path_factory.mktemp("stack"))
     yield s
     code = s.stop()
