@@ -63,12 +63,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
 
     install_handlers()
-    from services.app import start, stop
+    from services.app import init_ray, run_app, stop
 
     worker: subprocess.Popen[bytes] | None = None
     try:
-        info = start(settings)
-        install_handlers()  # Ray's driver installs its own fatal-signal handlers; ours win
+        init_ray(settings)
+        # Ray's driver installs its own SIGTERM handlers; ours win before the application starts
+        # (a SIGTERM while it started used to exit through Ray's, with 15 or SIGABRT). A signal
+        # during the start-up stops the services once they are up.
+        install_handlers()
+        if stopping:
+            return 0
+        print("imagine: Ray is up; starting the services", flush=True)
+        info = run_app(settings)
         if stopping:
             return 0
         if not args.no_worker:

@@ -2,8 +2,8 @@
 
 ``build_app(settings)`` composes the deployments with ``.bind()``; replica counts and batch sizes
 come from the settings (and, on Kubernetes, from the Serve config in ``deploy/``).
-``start(settings)`` starts a local Ray on loopback (or joins ``IMAGINE_RAY_ADDRESS``), runs the
-application and returns once the gRPC ingress is listening.
+``init_ray(settings)`` starts a local Ray on loopback (or joins ``IMAGINE_RAY_ADDRESS``);
+``run_app(settings)`` then runs the application and returns once every deployment is up.
 """
 
 from __future__ import annotations
@@ -79,13 +79,14 @@ def build_app(settings: ServiceSettings) -> Any:
     )
 
 
-def start(settings: ServiceSettings) -> dict[str, str]:
-    """Start (or join) Ray, run the application; returns the ingress address info."""
+def init_ray(settings: ServiceSettings) -> None:
+    """Start (or join) Ray. A driver's ``ray.init`` installs Ray's own SIGTERM handlers (a
+    ``sys.exit`` and a fatal-signal report): a caller with handlers of its own installs them
+    again after this."""
     quiet_environment()
     if not settings.ray_address:
         use_loopback_ray()  # before Ray is imported: it reads the setting at import time
     import ray
-    from ray import serve
 
     settings.ensure_dirs()
     if not ray.is_initialized():
@@ -96,6 +97,12 @@ def start(settings: ServiceSettings) -> dict[str, str]:
             configure_logging=False,
             log_to_driver=True,
         )
+
+
+def run_app(settings: ServiceSettings) -> dict[str, str]:
+    """Run the application on the Ray of :func:`init_ray`; returns the ingress address info."""
+    from ray import serve
+
     serve.start(proxy_location="Disabled")
     handle = serve.run(build_app(settings), name=APP_NAME, route_prefix=None)
     info: dict[str, str] = handle.address_info.remote().result()

@@ -26,6 +26,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment mentions ``marker`` (ours and Ray's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def png_header_only(width: int, height: int, payload: bytes = b"") -> bytes:
     """A PNG that declares width x height 8-bit grey pixels; its data decompresses to
     ``payload`` (zeros compress ~1000:1, so a few KB can claim gigabytes)."""
@@ -181,8 +195,35 @@ def start_stack(
     serve_args: tuple[str, ...] = (),
     client_kwargs: dict[str, Any] | None = None,
 ) -> Stack:
+    """`imagine serve` on ``data_dir``, returned once its ingress answers."""
     from imagine.client import ImagineClient
 
+    stack = launch_stack(data_dir, extra_env, serve_args, client_kwargs)
+    proc, log = stack.proc, stack.log
+    deadline = time.monotonic() + 300
+    with ImagineClient(stack.address, timeout_s=5, retries=0, **stack.client_kwargs) as c:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"imagine serve exited early:\n{log.read_text()[-4000:]}")
+            try:
+                c.list_collections()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    stack.stop()
+                    raise TimeoutError(f"stack did not start:\n{log.read_text()[-4000:]}") from None
+                time.sleep(1)
+    return stack
+
+
+def launch_stack(
+    data_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    serve_args: tuple[str, ...] = (),
+    client_kwargs: dict[str, Any] | None = None,
+) -> Stack:
+    """`imagine serve` on ``data_dir`` (tiny text-only models unless ``extra_env`` says
+    otherwise), its output in ``data_dir/serve.log``; returned at once, still starting."""
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -206,21 +247,7 @@ def start_stack(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    stack = Stack(address, data_dir, env, proc, log, dict(client_kwargs or {}))
-    deadline = time.monotonic() + 300
-    with ImagineClient(address, timeout_s=5, retries=0, **stack.client_kwargs) as c:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"imagine serve exited early:\n{log.read_text()[-4000:]}")
-            try:
-                c.list_collections()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    stack.stop()
-                    raise TimeoutError(f"stack did not start:\n{log.read_text()[-4000:]}") from None
-                time.sleep(1)
-    return stack
+    return Stack(address, data_dir, env, proc, log, dict(client_kwargs or {}))
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, processes_with
 
 pytestmark = pytest.mark.e2e
 LIMIT = 500
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids of live processes whose environment mentions ``marker`` (ours and Ray's)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_demo_ingests_searches_evaluates_and_cleans_up(tmp_path: Path) -> None:

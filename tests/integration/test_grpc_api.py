@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -18,10 +19,28 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 
 from imagine.client import TERMINAL_STATES, state_name
-from tests.conftest import POISON_REASONS, Stack, make_gallery
+from tests.conftest import POISON_REASONS, Stack, launch_stack, make_gallery, processes_with
 
 pytestmark = pytest.mark.integration
 N = 60
+
+
+def test_serve_stopped_while_it_starts_stops_cleanly(tmp_path: Path) -> None:
+    """A SIGTERM after Ray is up but before the services are (Ray's driver had replaced our
+    handlers: `imagine serve` exited with 15, once with SIGABRT): it stops once they are up,
+    exits 0 and leaves no process behind. (First in the module: the shared stack is not up.)"""
+    stack = launch_stack(tmp_path / "starting")
+    deadline = time.monotonic() + 300
+    while "imagine: Ray is up" not in stack.log.read_text():
+        assert stack.proc.poll() is None and time.monotonic() < deadline, stack.log.read_text()
+        time.sleep(0.05)
+    assert stack.stop() == 0, stack.log.read_text()[-3000:]
+    log = stack.log.read_text()
+    assert "imagine: stopping" in log and "SIGTERM received" not in log, log[-3000:]
+    deadline = time.monotonic() + 30
+    while processes_with(str(stack.data_dir)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert processes_with(str(stack.data_dir)) == []
 
 
 @pytest.fixture(scope="module")
