@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 # Ray picks the machine's interface address for a new local cluster on Linux; with this set to 0
 # it uses the loopback address, so nothing Ray opens for the embedded profile is reachable from
 # the network. (Ray reads it as "clusters enabled"; a local cluster needs none.)
-_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Quiet third-party chatter that is not ours to show to users.
 _QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -27,7 +27,7 @@ _QUIET_ENV = {
 
 def use_loopback_ray() -> None:
     """Call before starting a local Ray (the embedded profile)."""
-    for key, value in _LOOPBACK_ENV.items():
+    for key, value in LOOPBACK_RAY_ENV.items():
         os.environ.setdefault(key, value)
 
 

@@ -1,11 +1,23 @@
-"""The Ray Train job on a real local Ray: a folder + JSONL dataset, checkpoints, resumption."""
+"""The Ray Train job on a real Ray: a folder + JSONL dataset, checkpoints, resumption.
+
+The first test runs `imagine train` as the README does, on a local Ray of its own. The others join
+one running cluster (``ray start --head``, token authentication) through ``RAY_ADDRESS``, as the
+RayJob's trainer does on Kubernetes (deploy/k8s/base/train/ray-job.yaml); sharing it also spares
+each run a Ray start-up and shutdown (~10 s of a ~45 s run on 2 cores).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +25,47 @@ import pytest
 from PIL import Image
 
 from imagine.models.dual_encoder import load_dual_encoder
+from imagine.runtime import LOOPBACK_RAY_ENV
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
+LOCAL_RAY_SESSIONS = Path(tempfile.gettempdir()) / "ray"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict[str, str]]:
+    """A Ray head on loopback with token authentication; yields the environment that joins it.
+
+    Its temp dir is its own (short: Ray's socket paths are limited), so the address file that
+    `ray start` writes there does not send other tests' ``ray.init()`` to this cluster, and the
+    token is not written to ``~/.ray``.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    port, log = free_port(), temp / "head.log"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        "--port", str(port), "--node-ip-address", "127.0.0.1",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+        "--disable-usage-stats", "--temp-dir", str(temp),
+    ]  # fmt: skip
+    env = {**os.environ, **auth, **LOOPBACK_RAY_ENV}  # its nodes and workers on 127.0.0.1
+    with log.open("wb") as out:
+        head = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head and every process of the cluster
+        head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _folder_dataset(root: Path, n: int = 96) -> Path:
@@ -38,9 +89,18 @@ def _folder_dataset(root: Path, n: int = 96) -> Path:
 
 
 def _train(
-    args: list[str], data_dir: Path, entry: tuple[str, ...] = ("trainer",)
+    args: list[str],
+    data_dir: Path,
+    entry: tuple[str, ...] = ("trainer",),
+    ray_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGINE_DATA_DIR": str(data_dir), "IMAGINE_PLAIN_PROGRESS": "1"}
+    """The trainer in a process of its own; on a local Ray unless ``ray_env`` joins a cluster."""
+    env = {
+        **os.environ,
+        "IMAGINE_DATA_DIR": str(data_dir),
+        "IMAGINE_PLAIN_PROGRESS": "1",
+        **(ray_env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", *entry, *args],
         env=env,
@@ -59,121 +119,6 @@ def _assert_matches_each_kind_to_its_caption(checkpoint: Path) -> None:
     txt = encoder.encode_text(["a bright square box", "a dark striped scarf"])
     sims = img @ txt.T
     assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0], sims
-
-
-def test_trains_on_a_folder_dataset_and_resumes(tmp_path: Path) -> None:
-    data = _folder_dataset(tmp_path / "ds")
-    out = tmp_path / "ckpt"
-    common = [
-        "--dataset", f"folder:{data}", "--model-config", "tiny-dual", "--output", str(out),
-        "--batch-size", "16", "--checkpoint-every", "2", "--lr", "3e-3",
-    ]  # fmt: skip
-    first = _train([*common, "--epochs", "1"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["steps"] == 6  # 96 examples / 16 per batch
-    assert manifest["dataset"] == f"folder:{data}"
-    assert len(manifest["data_fingerprint"]) == 16
-    assert manifest["model_version"].startswith("ckpt-")
-
-    second = _train([*common, "--epochs", "3"], tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout + second.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["steps"] == 18
-
-    _assert_matches_each_kind_to_its_caption(out)
-
-
-def test_two_workers_train_one_dual_encoder_with_ddp(tmp_path: Path) -> None:
-    data = _folder_dataset(tmp_path / "ds")
-    out = tmp_path / "ckpt"
-    res = _train(
-        [
-            "--dataset", f"folder:{data}", "--model-config", "tiny-dual", "--output", str(out),
-            "--batch-size", "8", "--epochs", "4", "--lr", "3e-3", "--num-workers", "2",
-        ],
-        tmp_path,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["steps"] == 24  # 96 examples / (8 per batch x 2 workers) x 4
-
-    _assert_matches_each_kind_to_its_caption(out)
-
-
-@pytest.mark.parametrize(
-    ("stage", "config"), [("vision", "tiny-vision"), ("generator", "tiny-generator")]
-)
-def test_two_workers_train_the_vision_and_generator_stages(
-    tmp_path: Path, stage: str, config: str
-) -> None:
-    data = _folder_dataset(tmp_path / "ds")
-    out = tmp_path / "ckpt"
-    res = _train(
-        [
-            "--stage", stage, "--dataset", f"folder:{data}", "--model-config", config,
-            "--output", str(out), "--batch-size", "8", "--epochs", "1", "--num-workers", "2",
-            "--eval-limit", "32",
-        ],
-        tmp_path,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]  # (the generator's used to hang here)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["steps"] == 6  # 96 examples / (8 per batch x 2 workers)
-
-
-def test_a_single_worker_stage_refuses_more_workers(tmp_path: Path) -> None:
-    data = _folder_dataset(tmp_path / "ds", n=8)
-    res = _train(
-        ["--stage", "captioner", "--dataset", f"folder:{data}", "--num-workers", "2"], tmp_path
-    )
-    assert res.returncode == 2
-    assert "stage captioner trains on one worker, not 2" in res.stderr
-    assert not (tmp_path / "checkpoints").exists()  # nothing started
-
-
-def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "manifest.jsonl").write_text('{"image": "missing.png", "caption": "x"}\n')
-    res = _train(
-        ["--dataset", f"folder:{tmp_path / 'ds'}", "--model-config", "tiny-dual"], tmp_path
-    )
-    assert res.returncode != 0
-    assert "missing.png not found" in res.stdout + res.stderr
-
-
-def test_caption_stage_learns_the_captions_of_a_folder_dataset(tmp_path: Path) -> None:
-    """Cross-entropy then self-critical steps on a folder dataset (captions used as given); the
-    checkpoint keeps its vocabulary and captions held-out images of each kind correctly."""
-    from imagine.models.captioner import load_captioner
-
-    data = _folder_dataset(tmp_path / "ds")
-    out = tmp_path / "cap"
-    result = _train(
-        [
-            "--stage", "captioner", "--dataset", f"folder:{data}", "--model-config",
-            "tiny-captioner", "--output", str(out), "--batch-size", "16", "--epochs", "15",
-            "--lr", "3e-3", "--set", "dual_model=config:tiny-dual", "--set", "scst_steps=3",
-            "--set", "scst_batch_size=8",
-        ],
-        tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["xe_steps"] == 90 and manifest["training"]["scst_steps"] == 3
-    assert manifest["training"]["steps"] == 93
-    assert manifest["stage"] == "captioner" and manifest["model_version"].startswith("cap-")
-
-    captioner = load_captioner(f"local-dir:{out}", device="cpu")
-    assert captioner.vocab[4:] == sorted(
-        ["a", "bright", "square", "box", "dark", "striped", "scarf"]
-    )
-    bright = Image.fromarray(np.pad(np.full((16, 16), 230, np.uint8), 6), mode="L")
-    stripes = np.zeros((28, 28), np.uint8)
-    stripes[:, ::4] = 80
-    caps = captioner.caption([bright, Image.fromarray(stripes, mode="L")], "beam", beam_size=2)
-    assert [c.text for c in caps] == ["a bright square box", "a dark striped scarf"], caps
 
 
 def test_the_aggregator_stage_trains_an_attention_aggregator_with_its_weight_decay(
@@ -208,3 +153,129 @@ def test_the_aggregator_stage_trains_an_attention_aggregator_with_its_weight_dec
         assert attention is not None
         norms[decay] = sum(float((p.detach() ** 2).sum()) for p in attention.parameters())
     assert norms["30"] < 0.8 * norms["0"], norms
+
+
+def test_trains_on_a_folder_dataset_and_resumes(
+    tmp_path: Path, ray_cluster: dict[str, str]
+) -> None:
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "ckpt"
+    common = [
+        "--dataset", f"folder:{data}", "--model-config", "tiny-dual", "--output", str(out),
+        "--batch-size", "16", "--checkpoint-every", "2", "--lr", "3e-3",
+    ]  # fmt: skip
+    sessions = set(LOCAL_RAY_SESSIONS.glob("session_2*"))
+    first = _train([*common, "--epochs", "1"], tmp_path, ray_env=ray_cluster)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert set(LOCAL_RAY_SESSIONS.glob("session_2*")) == sessions  # it joined: no Ray of its own
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 6  # 96 examples / 16 per batch
+    assert manifest["dataset"] == f"folder:{data}"
+    assert len(manifest["data_fingerprint"]) == 16
+    assert manifest["model_version"].startswith("ckpt-")
+
+    second = _train([*common, "--epochs", "3"], tmp_path, ray_env=ray_cluster)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 18
+
+    _assert_matches_each_kind_to_its_caption(out)
+
+
+def test_two_workers_train_one_dual_encoder_with_ddp(
+    tmp_path: Path, ray_cluster: dict[str, str]
+) -> None:
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "ckpt"
+    res = _train(
+        [
+            "--dataset", f"folder:{data}", "--model-config", "tiny-dual", "--output", str(out),
+            "--batch-size", "8", "--epochs", "4", "--lr", "3e-3", "--num-workers", "2",
+        ],
+        tmp_path,
+        ray_env=ray_cluster,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 24  # 96 examples / (8 per batch x 2 workers) x 4
+
+    _assert_matches_each_kind_to_its_caption(out)
+
+
+@pytest.mark.parametrize(
+    ("stage", "config"), [("vision", "tiny-vision"), ("generator", "tiny-generator")]
+)
+def test_two_workers_train_the_vision_and_generator_stages(
+    tmp_path: Path, ray_cluster: dict[str, str], stage: str, config: str
+) -> None:
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "ckpt"
+    res = _train(
+        [
+            "--stage", stage, "--dataset", f"folder:{data}", "--model-config", config,
+            "--output", str(out), "--batch-size", "8", "--epochs", "1", "--num-workers", "2",
+            "--eval-limit", "32",
+        ],
+        tmp_path,
+        ray_env=ray_cluster,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]  # (the generator's used to hang here)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 6  # 96 examples / (8 per batch x 2 workers)
+
+
+def test_a_single_worker_stage_refuses_more_workers(tmp_path: Path) -> None:
+    data = _folder_dataset(tmp_path / "ds", n=8)
+    res = _train(
+        ["--stage", "captioner", "--dataset", f"folder:{data}", "--num-workers", "2"], tmp_path
+    )
+    assert res.returncode == 2
+    assert "stage captioner trains on one worker, not 2" in res.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing started
+
+
+def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.jsonl").write_text('{"image": "missing.png", "caption": "x"}\n')
+    res = _train(
+        ["--dataset", f"folder:{tmp_path / 'ds'}", "--model-config", "tiny-dual"], tmp_path
+    )
+    assert res.returncode != 0
+    assert "missing.png not found" in res.stdout + res.stderr
+
+
+def test_caption_stage_learns_the_captions_of_a_folder_dataset(
+    tmp_path: Path, ray_cluster: dict[str, str]
+) -> None:
+    """Cross-entropy then self-critical steps on a folder dataset (captions used as given); the
+    checkpoint keeps its vocabulary and captions held-out images of each kind correctly."""
+    from imagine.models.captioner import load_captioner
+
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "cap"
+    result = _train(
+        [
+            "--stage", "captioner", "--dataset", f"folder:{data}", "--model-config",
+            "tiny-captioner", "--output", str(out), "--batch-size", "16", "--epochs", "15",
+            "--lr", "3e-3", "--set", "dual_model=config:tiny-dual", "--set", "scst_steps=3",
+            "--set", "scst_batch_size=8",
+        ],
+        tmp_path,
+        ray_env=ray_cluster,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["xe_steps"] == 90 and manifest["training"]["scst_steps"] == 3
+    assert manifest["training"]["steps"] == 93
+    assert manifest["stage"] == "captioner" and manifest["model_version"].startswith("cap-")
+
+    captioner = load_captioner(f"local-dir:{out}", device="cpu")
+    assert captioner.vocab[4:] == sorted(
+        ["a", "bright", "square", "box", "dark", "striped", "scarf"]
+    )
+    bright = Image.fromarray(np.pad(np.full((16, 16), 230, np.uint8), 6), mode="L")
+    stripes = np.zeros((28, 28), np.uint8)
+    stripes[:, ::4] = 80
+    caps = captioner.caption([bright, Image.fromarray(stripes, mode="L")], "beam", beam_size=2)
+    assert [c.text for c in caps] == ["a bright square box", "a dark striped scarf"], caps
