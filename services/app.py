@@ -91,7 +91,9 @@ def init_ray(settings: ServiceSettings) -> None:
     settings.ensure_dirs()
     if not ray.is_initialized():
         ray.init(
-            address=settings.ray_address,
+            # unset: a Ray of our own, not a cluster that RAY_ADDRESS or the address file of the
+            # last `ray start` on this machine names (Ray joins those by default)
+            address=settings.ray_address or "local",
             num_cpus=settings.num_cpus,
             include_dashboard=False,
             configure_logging=False,

@@ -19,17 +19,28 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 
 from imagine.client import TERMINAL_STATES, state_name
-from tests.conftest import POISON_REASONS, Stack, launch_stack, make_gallery, processes_with
+from tests.conftest import (
+    POISON_REASONS,
+    Stack,
+    free_port,
+    launch_stack,
+    make_gallery,
+    processes_with,
+)
 
 pytestmark = pytest.mark.integration
 N = 60
 
 
-def test_serve_stopped_while_it_starts_stops_cleanly(tmp_path: Path) -> None:
-    """A SIGTERM after Ray is up but before the services are (Ray's driver had replaced our
-    handlers: `imagine serve` exited with 15, once with SIGABRT): it stops once they are up,
-    exits 0 and leaves no process behind. (First in the module: the shared stack is not up.)"""
-    stack = launch_stack(tmp_path / "starting")
+def test_serve_starts_its_own_ray_and_stops_cleanly_when_stopped_while_starting(
+    tmp_path: Path,
+) -> None:
+    """Without IMAGINE_RAY_ADDRESS `imagine serve` starts a Ray of its own, even where Ray's
+    default would join another (here RAY_ADDRESS names one that is gone). A SIGTERM after Ray is
+    up but before the services are (Ray's driver had replaced our handlers: it exited with 15,
+    once with SIGABRT) stops them once they are up: exit 0, no process left behind. (First in
+    the module: the shared stack is not up.)"""
+    stack = launch_stack(tmp_path / "starting", {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
     deadline = time.monotonic() + 300
     while "imagine: Ray is up" not in stack.log.read_text():
         assert stack.proc.poll() is None and time.monotonic() < deadline, stack.log.read_text()
