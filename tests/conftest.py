@@ -40,6 +40,23 @@ def processes_with(marker: str) -> list[int]:
     return pids
 
 
+def assert_no_process_left(marker: str, timeout: float = 30) -> None:
+    """Every process with ``marker`` in its environment (ours and Ray's) is gone in time."""
+    deadline = time.monotonic() + timeout
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert processes_with(marker) == []
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return once ``text`` is in ``log``; fail with the log's tail if ``proc`` exits first or
+    ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
 def png_header_only(width: int, height: int, payload: bytes = b"") -> bytes:
     """A PNG that declares width x height 8-bit grey pixels; its data decompresses to
     ``payload`` (zeros compress ~1000:1, so a few KB can claim gigabytes)."""

@@ -7,12 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, processes_with
+from tests.conftest import assert_no_process_left, free_port
 
 pytestmark = pytest.mark.e2e
 LIMIT = 500
@@ -59,7 +58,4 @@ def test_demo_ingests_searches_evaluates_and_cleans_up(tmp_path: Path) -> None:
     assert set(report["paths"]) == {"text", "generated (mean)", "fused"}
     assert set(report["not_run"]) == {"generated (attention)"}
     assert (data_dir / "demo" / "eval.png").stat().st_size > 5_000
-    deadline = time.monotonic() + 30
-    while processes_with(str(data_dir)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert processes_with(str(data_dir)) == []
+    assert_no_process_left(str(data_dir))

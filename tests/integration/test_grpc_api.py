@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import socket
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -22,10 +21,11 @@ from imagine.client import TERMINAL_STATES, state_name
 from tests.conftest import (
     POISON_REASONS,
     Stack,
+    assert_no_process_left,
     free_port,
     launch_stack,
     make_gallery,
-    processes_with,
+    wait_for_line,
 )
 
 pytestmark = pytest.mark.integration
@@ -41,17 +41,11 @@ def test_serve_starts_its_own_ray_and_stops_cleanly_when_stopped_while_starting(
     once with SIGABRT) stops them once they are up: exit 0, no process left behind. (First in
     the module: the shared stack is not up.)"""
     stack = launch_stack(tmp_path / "starting", {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
-    deadline = time.monotonic() + 300
-    while "imagine: Ray is up" not in stack.log.read_text():
-        assert stack.proc.poll() is None and time.monotonic() < deadline, stack.log.read_text()
-        time.sleep(0.05)
+    wait_for_line(stack.log, "imagine: Ray is up", stack.proc, timeout=300)
     assert stack.stop() == 0, stack.log.read_text()[-3000:]
     log = stack.log.read_text()
     assert "imagine: stopping" in log and "SIGTERM received" not in log, log[-3000:]
-    deadline = time.monotonic() + 30
-    while processes_with(str(stack.data_dir)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert processes_with(str(stack.data_dir)) == []
+    assert_no_process_left(str(stack.data_dir))
 
 
 @pytest.fixture(scope="module")

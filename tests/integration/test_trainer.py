@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from PIL import Image
 
 from imagine.models.dual_encoder import load_dual_encoder
 from imagine.runtime import LOOPBACK_RAY_ENV
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_line
 
 pytestmark = pytest.mark.integration
 LOCAL_RAY_SESSIONS = Path(tempfile.gettempdir()) / "ray"
@@ -57,10 +56,7 @@ def ray_cluster() -> Iterator[dict[str, str]]:
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in log.read_text():
-            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_for_line(log, "Ray runtime started", head, timeout=120)
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head and every process of the cluster
