@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument(
+        "--address",
+        help="Ray cluster to join (default: RAY_ADDRESS if set, as in a RayJob, else a local Ray "
+        "of its own; 'auto': the cluster of the last `ray start` on this machine)",
+    )
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a stage option (JSON)"
     )
     p.add_argument(
@@ -224,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.time()
     if not ray.is_initialized():
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+        ray.init(
+            # not Ray's default (None), which also joins the cluster named in the address file
+            # of the last `ray start`, and hangs on it once that cluster is gone
+            address=args.address or os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            configure_logging=False,
+        )
     trainer = TorchTrainer(
         _symbol(stage.loop),
         train_loop_config=cfg,

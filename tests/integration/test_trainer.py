@@ -117,13 +117,25 @@ def _assert_matches_each_kind_to_its_caption(checkpoint: Path) -> None:
     assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0], sims
 
 
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A Ray temp dir (RAY_TMPDIR) of the test's own, short: Ray's socket paths are limited."""
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_the_aggregator_stage_trains_an_attention_aggregator_with_its_weight_decay(
-    tmp_path: Path,
+    tmp_path: Path, ray_tmp: Path
 ) -> None:
     """``imagine train --stage aggregator`` as the README writes it, on tiny models; the
-    configured weight decay reaches the attention weights (it used to be dropped)."""
+    configured weight decay reaches the attention weights (it used to be dropped). It starts a
+    Ray of its own even where the last `ray start`'s address file names a cluster that is gone
+    (Ray's default joined that, and failed)."""
     from imagine.models.aggregator import load_aggregator
 
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     data = _folder_dataset(tmp_path / "ds", n=32)
     norms = {}
     for decay in ("0", "30"):
@@ -138,8 +150,10 @@ def test_the_aggregator_stage_trains_an_attention_aggregator_with_its_weight_dec
             ],
             tmp_path,
             entry=("imagine.cli", "train"),
+            ray_env={"RAY_TMPDIR": str(ray_tmp)},
         )  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
+        assert list((ray_tmp / "ray").glob("session_2*")), "no local Ray was started"
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["config"]["weight_decay"] == float(decay)
         assert manifest["training"]["fit_metrics"]["mode"] == "attention"
