@@ -106,6 +106,7 @@ def evaluate_paths_in_process(
     (mean, and the attention aggregator when ``aggregator`` is one) and fused with the
     aggregator's learned weight."""
     from imagine.fusion import fuse
+    from imagine.models.aggregator import mean_pool
 
     m: dict[str, object] = {"dual": dual, "vision": vision, "gen": generator, "agg": aggregator}
     ql = list(queries)
@@ -129,8 +130,7 @@ def evaluate_paths_in_process(
         seed=seed,
     )
     emb = np.stack([encode(m["vision"], imgs) for imgs in generated])  # (Q, K, D)
-    mean = emb.mean(axis=1)
-    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    mean = mean_pool(emb)
     lam = float(m["agg"].fusion_weight)  # type: ignore[attr-defined]
     scores = {"text": text, "generated (mean)": mean @ visual.T}
     if m["agg"].mode == "attention":  # type: ignore[attr-defined]

@@ -331,8 +331,9 @@ class Aggregator:
         """``mode`` "attention" uses the trained attention aggregator (the query service asks
         for it only when that is what is loaded), "mean" the normalised mean."""
         if mode == "mean":
-            mean = np.asarray(embeddings, dtype=np.float32).mean(axis=0)
-            return mean / max(float(np.linalg.norm(mean)), 1e-12)
+            from imagine.models.aggregator import mean_pool
+
+            return mean_pool(embeddings[None])[0]
         if self.aggregator.mode != mode:
             raise ValueError(f"aggregator {self.aggregator.model_version} cannot do {mode!r}")
         return self.aggregator.aggregate(embeddings[None])[0]

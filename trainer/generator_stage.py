@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imagine.models.aggregator import mean_pool
 from imagine.models.generator import (
     DEFAULT_GUIDANCE,
     FAMILY,
@@ -237,8 +238,7 @@ def evaluate_generator(
     )
     flat = encoder.encode_images([img for row in generated for img in row])
     per_query = flat.reshape(len(queries), n_per_class, -1)
-    pooled = per_query.mean(axis=1)
-    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12
+    pooled = mean_pool(per_query)
     classes = list(FASHION_MNIST_CLASSES)
     report = report_from_scores(pooled @ gallery.T, labels, classes)
     text = encoder.encode_text(queries)

@@ -50,6 +50,12 @@ def mean_aggregate(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.mean(dim=1), dim=-1)
 
 
+def mean_pool(embeddings: np.ndarray) -> np.ndarray:
+    """:func:`mean_aggregate` on NumPy embeddings: (B, K, D) -> (B, D), float32."""
+    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    return mean_aggregate(x).numpy()
+
+
 class CLSAttentionLayer(nn.Module):
     """One single-head attention layer that updates only the CLS token."""
 
