@@ -184,8 +184,12 @@ def test_trains_on_a_folder_dataset_and_resumes(
     assert len(manifest["data_fingerprint"]) == 16
     assert manifest["model_version"].startswith("ckpt-")
 
-    second = _train([*common, "--epochs", "3"], tmp_path, ray_env=ray_cluster)
+    # the resumed run names the cluster with --address instead of RAY_ADDRESS
+    auth = {k: v for k, v in ray_cluster.items() if k != "RAY_ADDRESS"}
+    address = ["--address", ray_cluster["RAY_ADDRESS"]]
+    second = _train([*common, "--epochs", "3", *address], tmp_path, ray_env=auth)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert set(LOCAL_RAY_SESSIONS.glob("session_2*")) == sessions
     assert "resumed from" in second.stdout + second.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 18
