@@ -101,11 +101,16 @@ def in_process_queries(files: list[Path], model: str, rounds: int) -> list[float
     return times
 
 
+def search(client: Any, text: str, mode: str = "text", **options: Any) -> Any:
+    """One query of the bench collection over gRPC, its top 10."""
+    return client.search(text, collection="bench", top_k=10, mode=mode, **options)
+
+
 def server_fuses(client: Any) -> bool:
     import grpc
 
     try:
-        client.search("probe", collection="bench", top_k=1, mode="fused")
+        search(client, "probe", "fused")
         return True
     except grpc.RpcError as exc:
         if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
@@ -124,7 +129,7 @@ def fused_benchmarks(client: Any, text_ms: list[float]) -> list[tuple[str, str, 
     from concurrent.futures import ThreadPoolExecutor
 
     def fused(text: str, seed: int) -> Any:
-        return client.search(text, collection="bench", top_k=10, mode="fused", seed=seed)
+        return search(client, text, "fused", seed=seed)
 
     cold = [_timed(lambda i=i: fused(QUERIES[i % len(QUERIES)], 1000 + i)) for i in range(20)]
     fused(QUERIES[0], 1)  # fill the cache
@@ -132,9 +137,7 @@ def fused_benchmarks(client: Any, text_ms: list[float]) -> list[tuple[str, str, 
     # in blocks minutes apart, the ratio moved with the machine's drift (1.05x to 1.33x).
     cached, beside = [], []
     for _ in range(100):
-        beside.append(
-            _timed(lambda: client.search(QUERIES[0], collection="bench", top_k=10, mode="text"))
-        )
+        beside.append(_timed(lambda: search(client, QUERIES[0])))
         cached.append(_timed(lambda: fused(QUERIES[0], 1)))
     text_p50 = percentile(beside, 50)
     rows = [
@@ -241,12 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((label, f"{ips:,.0f} img/s", ratio))
             if local_ms is not None:
                 for q in QUERIES:  # warm-up
-                    c.search(q, collection="bench", top_k=10, mode="text")
-                grpc_ms = []
-                for r in range(ns.queries):
-                    start = time.perf_counter()
-                    c.search(QUERIES[r % len(QUERIES)], collection="bench", top_k=10, mode="text")
-                    grpc_ms.append((time.perf_counter() - start) * 1e3)
+                    search(c, q)
+                grpc_ms = [
+                    _timed(lambda r=r: search(c, QUERIES[r % len(QUERIES)]))
+                    for r in range(ns.queries)
+                ]
                 rows.extend(fused_benchmarks(c, grpc_ms) if server_fuses(c) else [])
                 for name, ms in (
                     ("query in-process (encode + search)", local_ms),
