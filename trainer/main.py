@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         help="Ray cluster to join (default: RAY_ADDRESS if set, as in a RayJob, else a local Ray "
-        "of its own; 'auto': the cluster of the last `ray start` on this machine)",
+        "of its own; 'auto': Ray's own lookup, RAY_ADDRESS else the last `ray start` here)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a stage option (JSON)"
