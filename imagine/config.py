@@ -157,7 +157,8 @@ class ServiceSettings(_Common):
     # On a CPU, a UNet pass of at least this many rows (K per query, twice with guidance) runs
     # as row chunks on the generator's torch threads, one intra-op thread each, instead of on
     # one thread and its OpenMP team: 1.2-1.45x the throughput of 16 concurrent queries here.
-    # 0: never split.
+    # A smaller pass (one query's) runs on one intra-op thread: a team stalls whenever another
+    # process preempts one of its threads. 0: never split, every pass on the team.
     generator_split_rows: int = Field(default=16, ge=0)
     query_cache_size: int = 1024  # generated-query vectors kept (LRU)
     qdrant: QdrantSettings = QdrantSettings()

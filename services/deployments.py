@@ -216,8 +216,8 @@ class Generator(_Batched):
     ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop. The
     passes run on the replica's event loop, one at a time between other requests; on a CPU, a
     pass of at least ``split_rows`` rows runs as row chunks on the replica's torch threads at
-    once (:class:`RowWorkers`; 0: never). ``max_batch_size`` also bounds the queries denoised
-    at once."""
+    once, and a smaller one on one intra-op thread (:class:`RowWorkers`; 0: every pass on the
+    replica's OpenMP team). ``max_batch_size`` also bounds the queries denoised at once."""
 
     INTAKE_BATCHES = 64
 

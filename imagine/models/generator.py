@@ -182,22 +182,29 @@ class ImaginePipeline(DiffusionPipeline):
 
 
 class RowWorkers:
-    """Threads of one intra-op thread each that run a large UNet pass as row chunks at once.
+    """Runs a UNet pass on a CPU without an OpenMP team: a large pass as row chunks on ``n``
+    threads of one intra-op thread each, at once; a small one on the calling thread, also with
+    one intra-op thread.
 
-    On a CPU, a pass of many rows ran ~1.1x (in-process) to 1.2-1.45x (in the service, beside other
-    processes) faster split across ``n`` threads of one intra-op thread each than on one thread
-    driving an OpenMP team of ``n``: each chunk stays in cache, and no thread spins at the
-    team's barriers for one that another process preempted. Passes of fewer than ``min_rows``
-    rows (one query's: there the team was as fast or faster) run on the calling thread. A
-    sample's result does not depend on its chunk. (Measured on 2 cores; with many cores, one
-    row per thread may not beat a few teams.)
+    A team of threads waits at a barrier after every operator for its slowest thread, so one
+    thread preempted by another process stalls them all. Beside the embedded service's other
+    processes (Ray's and the other replicas' idle work, ~60% of one core on 2 cores), one
+    query's 8-row passes on a team of 2 took 2-2.5x as long as alone. Measured in-process on 2
+    cores (AMX CPU, bfloat16), one query's 20 passes: 1.3 s on a team of 2, 1.3-1.4 s on one
+    thread; beside a load of ~60% of one core, 4.9-7.2 s on the team and 1.7-2.1 s on one
+    thread. Split into chunks of 4 rows, the same passes took 1.9-2.0 s (small chunks run
+    slowly), so passes of fewer than ``min_rows`` rows are not split. A large pass split
+    across ``n`` threads ran ~1.1x (in-process) to 1.2-1.45x (in the service) faster than on a
+    team of ``n``: each chunk stays in cache, and the threads meet only at the end. A sample's
+    result does not depend on its chunk. (Measured on 2 cores; with many cores, one row per
+    thread may not beat a few teams.)
 
     The threads live for one pass only. A thread that has run OpenMP code counts for libgomp
     until it exits, and once libgomp counts more threads than cores it stops spinning at
     barriers and sleeps instead: kept alive between passes, two such threads made every later
-    pass of the caller's team (one query's) ~1.8x slower. Starting them costs ~0.3 ms a pass.
+    pass of the caller's team ~1.8x slower. Starting them costs ~0.3 ms a pass.
     ``torch.set_num_threads(1)`` in a worker also sets the default a new thread takes, so the
-    caller's count is set back after every split pass.
+    caller's count is set back after every pass.
     """
 
     def __init__(self, n: int, min_rows: int = 16) -> None:
@@ -208,11 +215,19 @@ class RowWorkers:
 
     def run(self, fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
         """``fn(*tensors)``: in row chunks on the threads (``n``, or one per row when there
-        are fewer rows) when there are at least ``min_rows`` rows, else on the calling thread.
-        A chunk's exception is raised here once every thread has ended."""
+        are fewer rows) when there are at least ``min_rows`` rows, else on the calling thread
+        with one intra-op thread. A chunk's exception is raised here once every thread has
+        ended."""
         rows = len(tensors[0])
-        if self.n == 1 or rows < self.min_rows:
+        if self.n == 1:
             return fn(*tensors)
+        if rows < self.min_rows:
+            caller_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(*tensors)
+            finally:
+                torch.set_num_threads(caller_threads)
         parts = min(self.n, rows)  # no empty chunk
         chunks = list(zip(*(t.tensor_split(parts) for t in tensors), strict=True))
         results: list[Any] = [None] * parts
@@ -445,7 +460,7 @@ class DenoisingLoop:
     loaded the model: a UNet pass on another thread ran 1.5-1.9x slower here, two threads then
     keeping OpenMP teams, so that libgomp sleeps at barriers instead of spinning (see
     :class:`RowWorkers`). ``workers`` run a large pass as row chunks on threads of one
-    intra-op thread each, which need no team.
+    intra-op thread each, and a small one on this thread with one intra-op thread: no team.
 
     A query's images depend only on its own prompt and seed (up to float rounding in the
     batched kernels), as with :meth:`Generator.generate`.

@@ -182,8 +182,8 @@ def test_a_large_pass_runs_as_row_chunks_on_single_threaded_workers(
     torch.testing.assert_close(split, alone, rtol=1e-4, atol=1e-4)
     ran.clear()
     pipeline.guided_eps(*(r[:2] for r in rows), *empty, workers=workers)  # 2 + 2 rows
-    assert ran == [(me, 2, 4)]  # fewer than min_rows: not split
-    assert torch.get_num_threads() == 2 and _team_size() == 2
+    assert ran == [(me, 1, 4)]  # fewer than min_rows: not split, and no team either
+    assert torch.get_num_threads() == 2 and _team_size() == 2  # the caller's count is back
 
 
 def test_the_loop_with_split_passes_gives_each_query_its_images(
@@ -257,6 +257,15 @@ def test_a_failing_chunk_fails_the_pass_after_every_thread_ended() -> None:
     with pytest.raises(RuntimeError, match="chunk failed"):
         RowWorkers(2, min_rows=2).run(fail_on_the_second_half, torch.arange(4.0))
     assert not [t for t in threading.enumerate() if t.name.startswith("unet-rows")]
+
+
+def test_a_failing_small_pass_gives_the_caller_its_threads_back(workers: RowWorkers) -> None:
+    def fail(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"pass failed on {torch.get_num_threads()} thread(s)")
+
+    with pytest.raises(RuntimeError, match=r"on 1 thread\(s\)"):
+        workers.run(fail, torch.arange(4.0))  # fewer than min_rows: one intra-op thread
+    assert torch.get_num_threads() == 2 and _team_size() == 2
 
 
 def test_row_workers_need_a_thread_and_a_positive_threshold() -> None:
