@@ -68,6 +68,7 @@ PROFILES: dict[str, Profile] = {
             # CPU passes of >= 16 rows split across the generator's torch threads (with one
             # thread, as here, nothing splits)
             "generator_split_rows": 16,
+            "generator_small_pass_threads": 1,  # smaller passes: no OpenMP team
             "torch_threads": 1,
             "generator_torch_threads": 1,
         },
@@ -123,6 +124,7 @@ PROFILES: dict[str, Profile] = {
             "generator_batch_wait_s": 0.005,
             "generator_precision": "auto",  # bfloat16 on GPUs with bf16 units, else float32
             "generator_split_rows": 16,  # CPU only: a GPU pass is never split
+            "generator_small_pass_threads": 1,  # CPU only, as above
             "torch_threads": 2,
             "generator_torch_threads": 2,
         },

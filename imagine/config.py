@@ -160,6 +160,9 @@ class ServiceSettings(_Common):
     # A smaller pass (one query's) runs on one intra-op thread: a team stalls whenever another
     # process preempts one of its threads. 0: never split, every pass on the team.
     generator_split_rows: int = Field(default=16, ge=0)
+    # Intra-op threads for a pass too small to split; 0: all the generator's torch threads (a
+    # team, for a generator with cores of its own).
+    generator_small_pass_threads: int = Field(default=1, ge=0)
     query_cache_size: int = 1024  # generated-query vectors kept (LRU)
     qdrant: QdrantSettings = QdrantSettings()
     storage: StorageSettings = StorageSettings()

@@ -58,6 +58,7 @@ def build_app(settings: ServiceSettings) -> Any:
             settings.generator_torch_threads,
             settings.generator_precision,
             settings.generator_split_rows,
+            settings.generator_small_pass_threads,
         )
         aggregator = Aggregator.options(
             ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64

@@ -216,8 +216,9 @@ class Generator(_Batched):
     ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop. The
     passes run on the replica's event loop, one at a time between other requests; on a CPU, a
     pass of at least ``split_rows`` rows runs as row chunks on the replica's torch threads at
-    once, and a smaller one on one intra-op thread (:class:`RowWorkers`; 0: every pass on the
-    replica's OpenMP team). ``max_batch_size`` also bounds the queries denoised at once."""
+    once, and a smaller one on ``small_pass_threads`` intra-op threads (0: all of them;
+    :class:`RowWorkers`; ``split_rows`` 0: every pass on the replica's OpenMP team).
+    ``max_batch_size`` also bounds the queries denoised at once."""
 
     INTAKE_BATCHES = 64
 
@@ -229,6 +230,7 @@ class Generator(_Batched):
         torch_threads: int,
         precision: str = "auto",
         split_rows: int = 16,
+        small_pass_threads: int = 1,
     ) -> None:
         import torch
 
@@ -243,7 +245,8 @@ class Generator(_Batched):
         if isinstance(self.generator, OwnPipeline):
             threads = torch.get_num_threads()
             split = split_rows > 0 and threads > 1 and self.generator.device == "cpu"
-            workers = RowWorkers(threads, split_rows) if split else None
+            small = min(small_pass_threads or threads, threads)
+            workers = RowWorkers(threads, split_rows, small) if split else None
             self.loop = DenoisingLoop(self.generator, max_jobs=max_batch_size, workers=workers)
         self.driver: asyncio.Task[None] | None = None
         self._limits(self.generate, max_batch_size, batch_wait_s)

@@ -183,8 +183,8 @@ class ImaginePipeline(DiffusionPipeline):
 
 class RowWorkers:
     """Runs a UNet pass on a CPU without an OpenMP team: a large pass as row chunks on ``n``
-    threads of one intra-op thread each, at once; a small one on the calling thread, also with
-    one intra-op thread.
+    threads of one intra-op thread each, at once; a small one on the calling thread with
+    ``small_threads`` intra-op threads (default one).
 
     A team of threads waits at a barrier after every operator for its slowest thread, so one
     thread preempted by another process stalls them all. Beside the embedded service's other
@@ -193,7 +193,9 @@ class RowWorkers:
     cores (AMX CPU, bfloat16), one query's 20 passes: 1.3 s on a team of 2, 1.3-1.4 s on one
     thread; beside a load of ~60% of one core, 4.9-7.2 s on the team and 1.7-2.1 s on one
     thread. Split into chunks of 4 rows, the same passes took 1.9-2.0 s (small chunks run
-    slowly), so passes of fewer than ``min_rows`` rows are not split. A large pass split
+    slowly), so passes of fewer than ``min_rows`` rows are not split. Where the generator has
+    several cores that nothing else uses, a team (``small_threads`` > 1) may serve one query
+    faster; that was not measured here. A large pass split
     across ``n`` threads ran ~1.1x (in-process) to 1.2-1.45x (in the service) faster than on a
     team of ``n``: each chunk stays in cache, and the threads meet only at the end. A sample's
     result does not depend on its chunk. (Measured on 2 cores; with many cores, one row per
@@ -207,23 +209,26 @@ class RowWorkers:
     caller's count is set back after every pass.
     """
 
-    def __init__(self, n: int, min_rows: int = 16) -> None:
-        if n < 1 or min_rows < 1:
-            raise ValueError("RowWorkers needs at least one thread and min_rows >= 1")
+    def __init__(self, n: int, min_rows: int = 16, small_threads: int = 1) -> None:
+        if n < 1 or min_rows < 1 or small_threads < 1:
+            raise ValueError(
+                "RowWorkers needs at least one thread, min_rows >= 1, small_threads >= 1"
+            )
         self.n = n
         self.min_rows = min_rows
+        self.small_threads = small_threads
 
     def run(self, fn: Any, *tensors: torch.Tensor) -> torch.Tensor:
         """``fn(*tensors)``: in row chunks on the threads (``n``, or one per row when there
         are fewer rows) when there are at least ``min_rows`` rows, else on the calling thread
-        with one intra-op thread. A chunk's exception is raised here once every thread has
-        ended."""
+        with ``small_threads`` intra-op threads. A chunk's exception is raised here once every
+        thread has ended."""
         rows = len(tensors[0])
         if self.n == 1:
             return fn(*tensors)
         if rows < self.min_rows:
             caller_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(self.small_threads)
             try:
                 return fn(*tensors)
             finally:

@@ -273,3 +273,17 @@ def test_row_workers_need_a_thread_and_a_positive_threshold() -> None:
         RowWorkers(0)
     with pytest.raises(ValueError, match="min_rows"):
         RowWorkers(2, min_rows=0)
+    with pytest.raises(ValueError, match="small_threads"):
+        RowWorkers(2, small_threads=0)
+
+
+def test_a_small_pass_can_run_on_a_team_when_asked(workers: RowWorkers) -> None:
+    teams: list[int] = []
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        teams.append(_team_size())
+        return x
+
+    RowWorkers(2, min_rows=8, small_threads=2).run(spy, torch.arange(4.0))
+    workers.run(spy, torch.arange(4.0))  # the default: one thread
+    assert teams == [2, 1]
