@@ -195,11 +195,12 @@ class RowWorkers:
     thread. Split into chunks of 4 rows, the same passes took 1.9-2.0 s (small chunks run
     slowly), so passes of fewer than ``min_rows`` rows are not split. Where the generator has
     several cores that nothing else uses, a team (``small_threads`` > 1) may serve one query
-    faster; that was not measured here. A large pass split
-    across ``n`` threads ran ~1.1x (in-process) to 1.2-1.45x (in the service) faster than on a
-    team of ``n``: each chunk stays in cache, and the threads meet only at the end. A sample's
-    result does not depend on its chunk. (Measured on 2 cores; with many cores, one row per
-    thread may not beat a few teams.)
+    faster; that was not measured here.
+
+    A large pass split across ``n`` threads ran ~1.1x (in-process) to 1.2-1.45x (in the
+    service) faster than on a team of ``n``: each chunk stays in cache, and the threads meet
+    only at the end. A sample's result does not depend on its chunk. (Measured on 2 cores; with
+    many cores, one row per thread may not beat a few teams.)
 
     The threads live for one pass only. A thread that has run OpenMP code counts for libgomp
     until it exits, and once libgomp counts more threads than cores it stops spinning at
@@ -465,7 +466,8 @@ class DenoisingLoop:
     loaded the model: a UNet pass on another thread ran 1.5-1.9x slower here, two threads then
     keeping OpenMP teams, so that libgomp sleeps at barriers instead of spinning (see
     :class:`RowWorkers`). ``workers`` run a large pass as row chunks on threads of one
-    intra-op thread each, and a small one on this thread with one intra-op thread: no team.
+    intra-op thread each, and a small one on this thread with ``small_threads`` intra-op
+    threads (one by default: no team).
 
     A query's images depend only on its own prompt and seed (up to float rounding in the
     batched kernels), as with :meth:`Generator.generate`.
