@@ -189,7 +189,7 @@ class RowWorkers:
     A team of threads waits at a barrier after every operator for its slowest thread, so one
     thread preempted by another process stalls them all. Beside the embedded service's other
     processes (Ray's and the other replicas' idle work, ~60% of one core on 2 cores), one
-    query's 8-row passes on a team of 2 took 2-2.5x as long as alone. Measured in-process on 2
+    query's 8-row passes on a team of 2 took 1.5-2.7x as long as alone. Measured in-process on 2
     cores (AMX CPU, bfloat16), one query's 20 passes: 1.3 s on a team of 2, 1.3-1.4 s on one
     thread; beside a load of ~60% of one core, 4.9-7.2 s on the team and 1.7-2.1 s on one
     thread. Split into chunks of 4 rows, the same passes took 1.9-2.0 s (small chunks run
