@@ -157,10 +157,11 @@ class ServiceSettings(_Common):
     # On a CPU, a UNet pass of at least this many rows (K per query, twice with guidance) runs
     # as row chunks on the generator's torch threads, one intra-op thread each, instead of on
     # one thread and its OpenMP team: 1.2-1.45x the throughput of 16 concurrent queries here.
-    # A smaller pass (one query's) runs on one intra-op thread: a team stalls whenever another
-    # process preempts one of its threads. 0: never split, every pass on the team.
+    # A smaller pass runs on generator_small_pass_threads. 0: never split, every pass on the
+    # team (and the next setting does not apply).
     generator_split_rows: int = Field(default=16, ge=0)
-    # Intra-op threads for a pass too small to split; 0: all the generator's torch threads (a
+    # Intra-op threads for a pass too small to split (one query's). 1: a team stalls whenever
+    # another process preempts one of its threads. 0: all the generator's torch threads (a
     # team, for a generator with cores of its own).
     generator_small_pass_threads: int = Field(default=1, ge=0)
     query_cache_size: int = 1024  # generated-query vectors kept (LRU)
