@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -214,11 +215,14 @@ class Generator(_Batched):
 
     ``@serve.batch`` takes the requests in; its batches do not wait for each other (up to
     ``INTAKE_BATCHES`` at once), so a query never waits for another batch's whole loop. The
-    passes run on the replica's event loop, one at a time between other requests; on a CPU, a
-    pass of at least ``split_rows`` rows runs as row chunks on the replica's torch threads at
-    once, and a smaller one on ``small_pass_threads`` intra-op threads (0: all of them;
-    :class:`RowWorkers`; ``split_rows`` 0: every pass on the replica's OpenMP team).
-    ``max_batch_size`` also bounds the queries denoised at once."""
+    passes run one at a time on the replica's pass thread, which also loaded the model (so an
+    OpenMP team, where one is used, belongs to it); the event loop stays free meanwhile, and a
+    query that comes in during a pass joins the next one. On the event loop itself, a request
+    needed several passes to get through Serve's intake (16 queries sent at once took 27 passes
+    of 20 steps instead of 20-21). On a CPU, a pass of at least ``split_rows`` rows runs as row
+    chunks on the replica's torch threads at once, and a smaller one on ``small_pass_threads``
+    intra-op threads (0: all of them; :class:`RowWorkers`; ``split_rows`` 0: every pass on the
+    pass thread's OpenMP team). ``max_batch_size`` also bounds the queries denoised at once."""
 
     INTAKE_BATCHES = 64
 
@@ -238,7 +242,10 @@ class Generator(_Batched):
         from imagine.models.generator import Generator as OwnPipeline
 
         _setup(torch_threads)
-        self.generator = load_generator(model_spec, precision=precision)
+        self.pass_thread = ThreadPoolExecutor(1, thread_name_prefix="denoise")
+        self.generator = self.pass_thread.submit(
+            load_generator, model_spec, precision=precision
+        ).result()
         # Our pipeline shares UNet passes; a diffusers pipeline (the pretrained profile) runs its
         # own loop per group of queries with the same settings.
         self.loop = None
@@ -276,10 +283,11 @@ class Generator(_Batched):
         self.stats.count(len(calls))
         log.info("Generator: %d queries in", len(calls))
         if self.loop is None:
-            return self._whole_loops(calls)
+            events = asyncio.get_running_loop()
+            return await events.run_in_executor(self.pass_thread, self._whole_loops, calls)
         images = [asyncio.wrap_future(self.loop.submit(*c)) for c in calls]
         if self.driver is None or self.driver.done():
-            self.driver = asyncio.create_task(self._drive(self.loop))
+            self.driver = asyncio.create_task(self._drive(self.loop, self.pass_thread))
         return list(await asyncio.gather(*images))
 
     def _whole_loops(self, calls: list[GenerateCall]) -> list[list[Image.Image]]:
@@ -301,12 +309,16 @@ class Generator(_Batched):
         return out
 
     @staticmethod
-    async def _drive(loop: DenoisingLoop) -> None:
-        """UNet passes on this event loop while queries remain, yielding between passes so
-        arriving requests join at the next one."""
+    async def _drive(loop: DenoisingLoop, thread: ThreadPoolExecutor) -> None:
+        """UNet passes on ``thread`` while queries remain. Whether any remain is read here, on
+        the event loop that submits them, so a query submitted during the last pass is not
+        left behind."""
+        events = asyncio.get_running_loop()
         try:
-            while loop.run_pass():
-                await asyncio.sleep(0)
+            while True:
+                await events.run_in_executor(thread, loop.run_pass)
+                if not loop.busy:
+                    break
         except Exception as exc:  # never leave a query waiting
             log.exception("denoising loop failed")
             loop.fail(exc)

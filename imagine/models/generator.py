@@ -461,13 +461,14 @@ class DenoisingLoop:
     the images; a query whose future is cancelled leaves at the next pass. A pass that fails
     fails the queries in it, not the loop.
 
-    The caller drives it, one :meth:`run_pass` at a time, from the thread that submits (it is
-    not thread-safe). The Generator deployment runs the passes on its event loop, which also
-    loaded the model: a UNet pass on another thread ran 1.5-1.9x slower here, two threads then
-    keeping OpenMP teams, so that libgomp sleeps at barriers instead of spinning (see
-    :class:`RowWorkers`). ``workers`` run a large pass as row chunks on threads of one
-    intra-op thread each, and a small one on this thread with ``small_threads`` intra-op
-    threads (one by default: no team).
+    One thread at a time drives it with :meth:`run_pass` (and :meth:`fail`); :meth:`submit`
+    may be called from another thread meanwhile, and the query joins at the next pass. The
+    Generator deployment submits on its event loop and runs the passes on a thread of their
+    own, the one that loaded the model: a pass with an OpenMP team on a thread other than the
+    loading one ran 1.5-1.9x slower here, two threads then keeping teams, so that libgomp
+    sleeps at barriers instead of spinning (see :class:`RowWorkers`). ``workers`` run a large
+    pass as row chunks on threads of one intra-op thread each, and a small one on the driving
+    thread with ``small_threads`` intra-op threads (one by default: no team).
 
     A query's images depend only on its own prompt and seed (up to float rounding in the
     batched kernels), as with :meth:`Generator.generate`.

@@ -3,11 +3,14 @@ shared denoising loop lets queries join and leave it between UNet passes."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,6 +137,81 @@ def test_bad_calls_are_clear_errors_and_fail_ends_every_query(generator: Generat
     for future in (running, waiting):
         with pytest.raises(RuntimeError, match="shutting down"):
             future.result(0)
+
+
+# -- the Generator deployment's driver: passes on a thread of their own -------------------------
+def _drive(loop: DenoisingLoop, thread: ThreadPoolExecutor) -> Any:
+    from services.deployments import Generator as GeneratorDeployment
+
+    return GeneratorDeployment.func_or_class._drive(loop, thread)
+
+
+def test_queries_sent_during_a_pass_join_the_next_one(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica's event loop takes queries in while a pass runs on the pass thread, and
+    they share the very next pass (on the event loop itself, a burst of 16 spread over 7)."""
+    loop = DenoisingLoop(generator, max_jobs=4)
+    in_pass, release = threading.Event(), threading.Event()
+    advance = generator.advance
+
+    def first_pass_held(jobs: Any, workers: Any = None) -> None:
+        if not in_pass.is_set():
+            in_pass.set()
+            assert release.wait(30), "the event loop never got to run during the pass"
+        advance(jobs, workers)
+
+    monkeypatch.setattr(generator, "advance", first_pass_held)
+
+    async def burst() -> list[Any]:
+        with ThreadPoolExecutor(1) as thread:
+            first = asyncio.wrap_future(loop.submit("a bag", 1, 3, 2.0, 1))
+            driver = asyncio.create_task(_drive(loop, thread))
+            assert await asyncio.to_thread(in_pass.wait, 30)
+            later = [asyncio.wrap_future(loop.submit("a shoe", 1, 3, 2.0, s)) for s in (2, 3)]
+            release.set()
+            images = await asyncio.wait_for(asyncio.gather(first, *later), 60)
+            await driver
+            return images
+
+    images = asyncio.run(burst())
+
+    assert [len(i) for i in images] == [1, 1, 1]
+    assert loop.passes == 4 and loop.job_steps == 3 + 2 * 3
+    assert not loop.busy
+
+
+def test_a_query_sent_during_the_last_pass_is_not_left_behind(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver decides whether to stop on the event loop, where queries are submitted: one
+    that arrives after the last pass took its queries in still gets its images."""
+    loop = DenoisingLoop(generator, max_jobs=4)
+    ended, release = threading.Event(), threading.Event()
+    run_pass = loop.run_pass
+
+    def last_pass_held() -> bool:
+        more = run_pass()
+        if not more and not ended.is_set():
+            ended.set()
+            assert release.wait(30)
+        return more
+
+    monkeypatch.setattr(loop, "run_pass", last_pass_held)
+
+    async def late_query() -> list[Any]:
+        with ThreadPoolExecutor(1) as thread:
+            first = asyncio.wrap_future(loop.submit("a bag", 1, 2, 2.0, 1))
+            driver = asyncio.create_task(_drive(loop, thread))
+            assert await asyncio.to_thread(ended.wait, 30)
+            late = asyncio.wrap_future(loop.submit("a shoe", 1, 2, 2.0, 2))
+            release.set()
+            images = await asyncio.wait_for(asyncio.gather(first, late), 60)
+            await driver
+            return images
+
+    assert [len(i) for i in asyncio.run(late_query())] == [1, 1]
+    assert loop.passes == 4
 
 
 # -- a large pass split into row chunks on threads of one intra-op thread each -----------------
