@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from imagine.models.generator import DenoisingLoop, Generator, RowWorkers, load_generator
+from imagine.models.generator import (
+    DenoisingLoop,
+    GenerateCall,
+    Generator,
+    RowWorkers,
+    load_generator,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +146,30 @@ def test_bad_calls_are_clear_errors_and_fail_ends_every_query(generator: Generat
 
 
 # -- the Generator deployment's driver: passes on a thread of their own -------------------------
-def _drive(loop: DenoisingLoop, thread: ThreadPoolExecutor) -> Any:
+def _drive_while_held(
+    loop: DenoisingLoop,
+    held: threading.Event,
+    release: threading.Event,
+    first: GenerateCall,
+    later: list[GenerateCall],
+) -> list[Any]:
+    """Submit ``first`` and let the deployment's driver run the passes on a thread of their
+    own; once a pass is ``held`` there (until ``release``), submit ``later`` from the event
+    loop. Every query's images."""
     from services.deployments import Generator as GeneratorDeployment
 
-    return GeneratorDeployment.func_or_class._drive(loop, thread)
+    async def scenario() -> list[Any]:
+        with ThreadPoolExecutor(1) as thread:
+            futures = [asyncio.wrap_future(loop.submit(*first))]
+            driver = asyncio.create_task(GeneratorDeployment.func_or_class._drive(loop, thread))
+            assert await asyncio.to_thread(held.wait, 30), "no pass was held"
+            futures += [asyncio.wrap_future(loop.submit(*call)) for call in later]
+            release.set()
+            images = await asyncio.wait_for(asyncio.gather(*futures), 60)
+            await driver
+            return images
+
+    return asyncio.run(scenario())
 
 
 def test_queries_sent_during_a_pass_join_the_next_one(
@@ -162,19 +188,8 @@ def test_queries_sent_during_a_pass_join_the_next_one(
         advance(jobs, workers)
 
     monkeypatch.setattr(generator, "advance", first_pass_held)
-
-    async def burst() -> list[Any]:
-        with ThreadPoolExecutor(1) as thread:
-            first = asyncio.wrap_future(loop.submit("a bag", 1, 3, 2.0, 1))
-            driver = asyncio.create_task(_drive(loop, thread))
-            assert await asyncio.to_thread(in_pass.wait, 30)
-            later = [asyncio.wrap_future(loop.submit("a shoe", 1, 3, 2.0, s)) for s in (2, 3)]
-            release.set()
-            images = await asyncio.wait_for(asyncio.gather(first, *later), 60)
-            await driver
-            return images
-
-    images = asyncio.run(burst())
+    later: list[GenerateCall] = [("a shoe", 1, 3, 2.0, 2), ("a shoe", 1, 3, 2.0, 3)]
+    images = _drive_while_held(loop, in_pass, release, ("a bag", 1, 3, 2.0, 1), later)
 
     assert [len(i) for i in images] == [1, 1, 1]
     assert loop.passes == 4 and loop.job_steps == 3 + 2 * 3
@@ -198,19 +213,11 @@ def test_a_query_sent_during_the_last_pass_is_not_left_behind(
         return more
 
     monkeypatch.setattr(loop, "run_pass", last_pass_held)
+    images = _drive_while_held(
+        loop, ended, release, ("a bag", 1, 2, 2.0, 1), [("a shoe", 1, 2, 2.0, 2)]
+    )
 
-    async def late_query() -> list[Any]:
-        with ThreadPoolExecutor(1) as thread:
-            first = asyncio.wrap_future(loop.submit("a bag", 1, 2, 2.0, 1))
-            driver = asyncio.create_task(_drive(loop, thread))
-            assert await asyncio.to_thread(ended.wait, 30)
-            late = asyncio.wrap_future(loop.submit("a shoe", 1, 2, 2.0, 2))
-            release.set()
-            images = await asyncio.wait_for(asyncio.gather(first, late), 60)
-            await driver
-            return images
-
-    assert [len(i) for i in asyncio.run(late_query())] == [1, 1]
+    assert [len(i) for i in images] == [1, 1]
     assert loop.passes == 4
 
 
