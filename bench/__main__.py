@@ -6,8 +6,9 @@
   on the same files (read, decode, compute every stored vector and the caption; no services,
   no index).
 - Fused query: latency cold (K images generated) and cached (alternating with text-only
-  queries, for the ratio of the two), 1/4/16 concurrent queries, and cold again after those (a
-  large pass must not slow the small ones after it).
+  queries, for the ratio of the two), 16 queries 1/4/16 at a time (in alternating rounds, each
+  ratio within its round), and cold again after those (a large pass must not slow the small
+  ones after it).
 - Query: p50/p95 latency of a text Search over gRPC against the same query in-process (encode
   the text, search an embedded Qdrant holding the same vectors).
 
@@ -37,6 +38,7 @@ QUERIES = [
     "a striped t-shirt",
     "a shirt with buttons",
 ]
+CONCURRENCY_ROUNDS = 4
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,22 +156,35 @@ def fused_benchmarks(client: Any, text_ms: list[float]) -> list[tuple[str, str, 
             f"{percentile(cached, 50) / percentile(text_ms, 50):.2f}x the text block's",
         ),
     ]
+    # 16 cold queries at 1, 4 and 16 at a time, in rounds whose order reverses each time (1, 4,
+    # 16, then 16, 4, 1): each ratio compares runs of the same round, seconds apart. Run once
+    # each, minutes apart, the 16-at-a-time ratio moved with the machine's drift (2.1x and 2.7x
+    # in two rounds of one probe, the same code).
     seed = 5000
-    sequential_ms = 0.0
-    for n in (1, 4, 16):
-        seed += 100
-        texts = [(QUERIES[i % len(QUERIES)], seed + i) for i in range(16)]
-        with ThreadPoolExecutor(n) as pool:
-            start = time.perf_counter()
-            list(pool.map(lambda a: fused(*a), texts))
-            wall = (time.perf_counter() - start) * 1e3
+    walls: dict[int, list[float]] = {1: [], 4: [], 16: []}
+    for r in range(CONCURRENCY_ROUNDS):
+        for n in (1, 4, 16) if r % 2 == 0 else (16, 4, 1):
+            seed += 100
+            texts = [(QUERIES[i % len(QUERIES)], seed + i) for i in range(16)]
+            with ThreadPoolExecutor(n) as pool:
+                start = time.perf_counter()
+                list(pool.map(lambda a: fused(*a), texts))
+                walls[n].append(time.perf_counter() - start)
+    for n, ws in walls.items():
+        note = f"median {statistics.median(ws):.1f} s of {len(ws)} rounds; "
         if n == 1:
-            sequential_ms = wall
+            note += "one after another"
+        else:
+            ratios = sorted(one / w for one, w in zip(walls[1], ws, strict=True))
+            note += (
+                f"{statistics.median(ratios):.1f}x one after another "
+                f"({ratios[0]:.1f}-{ratios[-1]:.1f}x by round)"
+            )
         rows.append(
             (
                 f"16 cold fused queries, {n:>2} at a time",
-                f"{16 / (wall / 1e3):.2f} q/s",
-                f"{wall / 1e3:.1f} s; {sequential_ms / wall:.1f}x one after another",
+                f"{16 / statistics.median(ws):.2f} q/s",
+                note,
             )
         )
     # Single queries again, after the concurrent runs: a large pass must not leave anything
