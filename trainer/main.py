@@ -10,6 +10,8 @@ Stages, in the order the default models are made (each writes checkpoints/NAME):
   dual_encoder  the joint text-image space (MiniLM text tower, ViT image tower)   fmnist-dual
   vision        the vision-only encoder (the gallery's `visual` vectors)           fmnist-vision
   generator     the text-conditioned diffusion generator                          fmnist-generator
+  distill       the generator's guidance distilled into one pass (needs generator)
+                                                                   fmnist-generator-distilled
   aggregator    the CLE-TIR aggregator and fusion weight (needs the three above)  fmnist-aggregator
   captioner     the caption decoder: cross-entropy, then self-critical (GXN)      fmnist-captioner
 """
@@ -74,6 +76,23 @@ STAGES = {
         128,
         1e-3,
         "imagine.models.generator:load_generator",
+    ),
+    "distill": Stage(
+        "trainer.generator_stage:generator_stage",
+        "",
+        "fmnist-generator-distilled",
+        0.8,
+        32,
+        3e-4,
+        "imagine.models.generator:load_generator",
+        {
+            "teacher_model": "local-dir:" + str(CHECKPOINTS / "fmnist-generator"),
+            "guidance_width": 32,
+            # the scales a query may ask for and the teacher serves well (README, "Numbers")
+            "min_guidance": 1.0,
+            "max_guidance": 3.5,
+            "ema_decay": 0.995,
+        },
     ),
     "aggregator": Stage(
         "trainer.aggregator_stage:aggregator_stage",
@@ -327,8 +346,8 @@ def evaluate(stage: str, ckpt: Path, cfg: dict[str, Any], limit: int | None) -> 
         from trainer.caption_stage import evaluate_caption_stage
 
         return evaluate_caption_stage(ckpt, cfg, limit)
-    module = {"vision": "trainer.vision_stage", "generator": "trainer.generator_stage"}[stage]
-    fn = {"vision": "evaluate_vision", "generator": "evaluate_generator"}[stage]
+    module = "trainer.vision_stage" if stage == "vision" else "trainer.generator_stage"
+    fn = "evaluate_vision" if stage == "vision" else "evaluate_generator"
     return dict(_symbol(f"{module}:{fn}")(ckpt))
 
 

@@ -239,6 +239,38 @@ def test_two_workers_train_the_vision_and_generator_stages(
     assert manifest["training"]["steps"] == 6  # 96 examples / (8 per batch x 2 workers)
 
 
+def test_distill_stage_gives_a_one_pass_generator_from_a_teacher(
+    tmp_path: Path, ray_cluster: dict[str, str]
+) -> None:
+    """``--stage distill`` on a saved (tiny, random) teacher: the checkpoint is a generator whose
+    UNet takes the guidance scale as an input, and it serves queries."""
+    from imagine.models.generator import Generator, load_generator
+
+    teacher = tmp_path / "teacher"
+    load_generator("config:tiny-generator", device="cpu").save(teacher, {"steps": 0})
+    data = _folder_dataset(tmp_path / "ds")
+    out = tmp_path / "distilled"
+    res = _train(
+        [
+            "--stage", "distill", "--dataset", f"folder:{data}", "--output", str(out),
+            "--set", f"teacher_model=local-dir:{teacher}", "--set", "guidance_width=8",
+            "--batch-size", "8", "--epochs", "1", "--eval-limit", "32",
+        ],
+        tmp_path,
+        ray_env=ray_cluster,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 12  # 96 examples / 8 per batch
+    assert manifest["config"]["teacher_model"] == f"local-dir:{teacher}"
+    student = load_generator(f"local-dir:{out}", device="cpu")
+    assert isinstance(student, Generator)
+    assert student.pipeline.unet.config.time_cond_proj_dim == 8
+    images = student.generate(["a dark coat"], num_images=2, steps=3, guidance=2.0, seed=1)
+    again = student.generate(["a dark coat"], num_images=2, steps=3, guidance=2.0, seed=1)
+    assert [np.asarray(i).tolist() for i in images[0]] == [np.asarray(i).tolist() for i in again[0]]
+
+
 def test_a_single_worker_stage_refuses_more_workers(tmp_path: Path) -> None:
     data = _folder_dataset(tmp_path / "ds", n=8)
     res = _train(

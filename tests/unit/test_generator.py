@@ -153,3 +153,51 @@ def test_unknown_config_and_other_families_are_rejected(tmp_path: Path) -> None:
         load_generator("config:no-such-generator")
     with pytest.raises(ModelLoadError, match="not 'generator'"):
         load_generator("config:tiny-dual")
+
+
+@pytest.fixture(scope="module")
+def distilled() -> Generator:
+    """The tiny generator with a guidance input (``time_cond_proj_dim``), as guidance
+    distillation makes it: random weights, so the guidance embedding already matters."""
+    from imagine.models.generator import build_pipeline
+    from imagine.models.registry import get_model_config
+
+    config = get_model_config("tiny-generator")
+    config["unet"] = {**config["unet"], "time_cond_proj_dim": 8}
+    return Generator(build_pipeline(config, seed=1), "tiny-distilled", "cpu")
+
+
+def test_a_guidance_distilled_unet_runs_one_pass_of_k_rows(distilled: Generator) -> None:
+    rows: list[int] = []
+    hook = distilled.pipeline.unet.register_forward_pre_hook(
+        lambda _module, args: rows.append(len(args[0]))
+    )
+    try:
+        guided = pixels(distilled.generate(PROMPTS[:1], num_images=3, steps=STEPS, seed=4)[0])
+    finally:
+        hook.remove()
+    again = pixels(distilled.generate(PROMPTS[:1], num_images=3, steps=STEPS, seed=4)[0])
+    plain = pixels(
+        distilled.generate(PROMPTS[:1], num_images=3, steps=STEPS, guidance=1.0, seed=4)[0]
+    )
+
+    assert rows == [3] * STEPS  # K rows a pass, no unconditional branch
+    np.testing.assert_array_equal(guided, again)
+    assert np.abs(guided - plain).mean() > 1  # the scale reaches the UNet
+
+
+def test_distilled_queries_with_other_guidance_share_a_pass_and_keep_their_images(
+    distilled: Generator,
+) -> None:
+    from imagine.models.generator import DenoisingLoop
+
+    loop = DenoisingLoop(distilled, max_jobs=4)
+    strong = loop.submit(PROMPTS[0], 2, STEPS, 3.0, 5)
+    weak = loop.submit(PROMPTS[1], 2, STEPS, 1.5, 6)
+    while loop.run_pass():
+        pass
+
+    assert loop.passes == STEPS
+    for future, prompt, scale, seed in ((strong, 0, 3.0, 5), (weak, 1, 1.5, 6)):
+        alone = distilled.generate(PROMPTS[prompt : prompt + 1], 2, STEPS, scale, seed)[0]
+        assert np.abs(pixels(future.result(0)) - pixels(alone)).max() <= 1
