@@ -21,7 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO_ROOT / "checkpoints"
 DEFAULT_MODEL = "local-dir:" + str(CHECKPOINTS / "fmnist-dual")
 DEFAULT_VISION = "local-dir:" + str(CHECKPOINTS / "fmnist-vision")
-DEFAULT_GENERATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-generator")
+# guidance-distilled from checkpoints/fmnist-generator (`imagine train --stage distill`): one UNet
+# pass of K rows a query instead of 2K, ~1.3x faster alone and ~1.6x in a burst of 16
+DEFAULT_GENERATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-generator-distilled")
 DEFAULT_AGGREGATOR = "local-dir:" + str(CHECKPOINTS / "fmnist-aggregator")
 DEFAULT_CAPTIONER = "local-dir:" + str(CHECKPOINTS / "fmnist-captioner")
 
