@@ -177,8 +177,8 @@ def fused_benchmarks(client: Any, text_ms: list[float]) -> list[tuple[str, str, 
         else:
             ratios = sorted(one / w for one, w in zip(walls[1], ws, strict=True))
             note += (
-                f"{statistics.median(ratios):.1f}x one after another "
-                f"({ratios[0]:.1f}-{ratios[-1]:.1f}x by round)"
+                f"{statistics.median(ratios):.2f}x one after another "
+                f"({ratios[0]:.2f}-{ratios[-1]:.2f}x by round)"
             )
         rows.append(
             (
