@@ -41,7 +41,7 @@ from imagine.models.generator import (
     save_pipeline,
     to_model_space,
 )
-from imagine.models.registry import get_model_config
+from imagine.models.registry import ModelSpec, get_model_config
 from trainer.checkpoints import checkpoint, resume_state
 from trainer.datasets import TrainData, load_train_data
 from trainer.schedule import running_loss, warmup_cosine
@@ -113,8 +113,8 @@ def generator_stage(cfg: dict[str, Any]) -> None:
     teacher: Any = None
     width = 0
     if cfg.get("teacher_model"):
-        spec = str(cfg["teacher_model"]).removeprefix("local-dir:")
-        teacher_pipeline, _ = load_pipeline(spec)
+        spec = ModelSpec.parse(str(cfg["teacher_model"]), ("local-dir",))
+        teacher_pipeline, _ = load_pipeline(spec.target)
         width = int(cfg["guidance_width"])
         model_cfg = student_config(teacher_pipeline, width)
         teacher = teacher_pipeline.unet.eval().requires_grad_(False)

@@ -142,36 +142,33 @@ class ImaginePipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """One UNet pass: the guided noise prediction of every sample (B, C, S, S), each at its
         own timestep (B,) and guidance scale (B,); the unconditional branch runs only for the
-        samples with guidance != 1. Float32 out, whatever the UNet's precision. ``workers``
-        split a large pass into row chunks run at once (see :class:`RowWorkers`)."""
+        samples with guidance != 1, and not at all for a guidance-distilled UNet (one with
+        ``time_cond_proj_dim``), which takes the scale as an input. Float32 out, whatever the
+        UNet's precision. ``workers`` split a large pass into row chunks run at once (see
+        :class:`RowWorkers`)."""
         # The UNet's own parameter, not ``self.device``: DiffusionPipeline.device walks every
         # module of every component, which cost ~11 ms a pass (a quarter of one query's pass).
         weight = next(self.unet.parameters())
         device, dtype = weight.device, weight.dtype
         n = len(sample)
         width = self.unet.config.time_cond_proj_dim
-        if width:  # guidance-distilled: the guided prediction in one pass, no second branch
-            one = (
-                sample.to(device, dtype),
-                timesteps.to(device),
-                states.to(device, dtype),
-                mask.to(device),
-                guidance_embedding(guidance, int(width)).to(device, dtype),
-            )
-            return (workers.run(self.unet_eps, *one) if workers else self.unet_eps(*one)).float()
-        guided = (guidance != 1.0).nonzero().flatten()
+        guided = (
+            torch.zeros(0, dtype=torch.long) if width else (guidance != 1.0).nonzero().flatten()
+        )
         g = len(guided)
         if g:
             sample = torch.cat([sample, sample[guided]])
             timesteps = torch.cat([timesteps, timesteps[guided]])
             states = torch.cat([states, empty_states.expand(g, -1, -1)])
             mask = torch.cat([mask, empty_mask.expand(g, -1)])
-        inputs = (
+        inputs = [
             sample.to(device, dtype),
             timesteps.to(device),
             states.to(device, dtype),
             mask.to(device),
-        )
+        ]
+        if width:
+            inputs.append(guidance_embedding(guidance, int(width)).to(device, dtype))
         eps = (workers.run(self.unet_eps, *inputs) if workers else self.unet_eps(*inputs)).float()
         cond = eps[:n]
         if g:
